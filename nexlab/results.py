@@ -1,0 +1,90 @@
+"""Recording what a notebook measured: results.json, figures and versions.
+
+Every notebook ends by calling :func:`record` so that ``OUTPUT_DIR/results.json``
+holds its figures (numbers people compare between runs); plots are saved next to
+it with :func:`save_figure`. Values are converted to plain JSON (numpy scalars and
+arrays included) and the file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    """Convert numpy / torch scalars and arrays, paths and tuples to JSON-ready values."""
+    try:
+        import numpy as np  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        np = None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if np is not None:
+        if isinstance(value, np.ndarray):
+            return _plain(value.tolist())
+        if isinstance(value, np.generic):
+            return _plain(value.item())
+    if hasattr(value, "detach") and hasattr(value, "tolist"):  # torch tensor
+        return _plain(value.detach().cpu().tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as text
+    return value
+
+
+def load(output_dir: str | os.PathLike) -> dict:
+    """Return the results recorded so far in ``output_dir/results.json`` (empty if none)."""
+    path = Path(output_dir) / "results.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def record(output_dir: str | os.PathLike, **figures: Any) -> Path:
+    """Merge ``figures`` into ``output_dir/results.json`` and return its path.
+
+    Keys already present are overwritten; the file is written to a temporary name
+    and renamed, so a crash never leaves half a JSON file.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load(out)
+    data.update(_plain(figures))
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, out / "results.json")
+    return out / "results.json"
+
+
+def save_figure(fig, output_dir: str | os.PathLike, name: str, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as ``output_dir/name.png`` (and return the path)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (name if name.endswith(".png") else f"{name}.png")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages the workbook depends on (missing ones say so)."""
+    from importlib import metadata  # noqa: PLC0415
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for pkg in ("nexlab", "numpy", "torch", "gguf", "safetensors", "transformers", "nvidia-modelopt",
+                "llama_cpp_python", "ml_dtypes", "papermill", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
