@@ -1,0 +1,41 @@
+# nexlab: `make workbook` runs every notebook on the embedded default model,
+# `make test` runs the unit tests and every notebook in smoke mode.
+# Both create .venv and install nexlab (with llama-cpp-python, built from source) when needed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.nexlab-installed
+export NEXLAB_NO_PROGRESS ?= 0
+
+.PHONY: install workbook smoke test unit lab bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+workbook: $(STAMP)
+	$(BIN)/nexlab workbook
+
+smoke: $(STAMP)
+	$(BIN)/nexlab workbook --smoke
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not notebook"
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf build/

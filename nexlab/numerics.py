@@ -1,0 +1,117 @@
+"""Chapter 01 helpers: an example weight, one block explained, 4-bit formats compared.
+
+The formats themselves live in :mod:`nexlab.formats` and :mod:`nexlab.nvfp4`; this
+module only puts them side by side for the NVFP4 numerics chapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import formats, nvfp4
+
+
+def load_example_weight(artifacts_dir: str | Path, seed: int = 0, max_rows: int = 1024) -> tuple[np.ndarray, str]:
+    """A real routed-expert weight of the tiny model when notebook 00 has built it, else a generated one.
+
+    Looks for ``artifacts_dir/tiny/bf16/*.safetensors`` and takes the first routed-expert
+    projection it finds: a fused ``mlp.experts.gate_up_proj [E, 2I, H]`` (transformers 5)
+    gives expert 0's gate rows, a per-expert ``mlp.experts.0.gate_proj.weight`` is used as
+    is. Without it, a Student-t (3 degrees of freedom) matrix scaled like an initialised
+    weight stands in, which is heavy-tailed as trained weights are. Returns
+    ``(float32 [rows, in], name)``.
+    """
+    from safetensors import safe_open  # noqa: PLC0415
+
+    ckpt = Path(artifacts_dir) / "tiny" / "bf16"
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in sorted(f.keys()):
+                if key.endswith("mlp.experts.gate_up_proj"):
+                    t = f.get_slice(key)[0]  # expert 0: [2I, H], gate rows first
+                    w = t[: t.shape[0] // 2].float().numpy()
+                    return np.ascontiguousarray(w[:max_rows]), f"{key}[0, :I] (gate of expert 0)"
+                if ".mlp.experts.0.gate_proj.weight" in key:
+                    return np.ascontiguousarray(f.get_tensor(key).float().numpy()[:max_rows]), key
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, size=(512, 1024)) * 0.02).astype(np.float32)
+    return w, "generated Student-t(3) weight [512, 1024] (run notebook 00 for a real one)"
+
+
+def explain_block(values: Any, tensor_amax: float) -> dict:
+    """Quantize one block of 16 as ModelOpt would inside a tensor whose amax is ``tensor_amax``.
+
+    ``weight_scale_2 = tensor_amax / 2688``; returns the scale byte (hex value, bit
+    string, decoded), the 16 E2M1 codes, the reconstruction and its relative MSE — the
+    numbers chapter 01's explorer shows.
+    """
+    x = formats.as_f32(values, name="block", finite=True).reshape(1, -1)
+    if x.shape[1] != formats.NVFP4_GROUP:
+        raise ValueError(f"block: expected 16 values, got {x.shape[1]}")
+    if not (np.isfinite(tensor_amax) and tensor_amax > 0):
+        raise ValueError(f"tensor_amax must be positive and finite, got {tensor_amax}")
+    ws2 = np.float32(np.float32(tensor_amax) / np.float32(2688.0))
+    q, s, ws2 = nvfp4.quantize_nvfp4_modelopt(x, weight_scale_2=ws2, name="block")
+    recon = nvfp4.dequantize_nvfp4_modelopt(q, s, ws2)[0]
+    byte = int(s[0, 0])
+    err = float(np.sum((recon - x[0]) ** 2) / max(float(np.sum(x[0] ** 2)), 1e-30))
+    return {
+        "values": x[0],
+        "weight_scale_2": float(ws2),
+        "scale_byte": byte,
+        "scale_bits": f"{byte >> 7} {(byte >> 3) & 0xF:04b} {byte & 7:03b}",
+        "block_scale": float(formats.e4m3_bytes_to_f32(np.uint8(byte))),
+        "codes": nvfp4.unpack_nibbles_adjacent(q)[0],
+        "reconstruction": recon,
+        "rel_mse": err,
+    }
+
+
+def _q4_k_roundtrip(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Q4_K round trip through nexlab's quantizer (ggml's C when nexlab.kquants is absent) and gguf-py."""
+    from gguf import GGMLQuantizationType  # noqa: PLC0415
+    from gguf.quants import dequantize  # noqa: PLC0415
+
+    try:
+        from . import kquants  # noqa: PLC0415
+
+        data = np.asarray(kquants.quantize(x, "Q4_K"), dtype=np.uint8).reshape(x.shape[0], -1)
+        label = "Q4_K"
+    except ImportError:
+        from . import ggml_ref  # noqa: PLC0415
+
+        raw = ggml_ref.ggml_quantize_chunk("Q4_K", x, x.shape[0], x.shape[1])
+        data = np.frombuffer(raw, dtype=np.uint8).reshape(x.shape[0], -1)
+        label = "Q4_K (ggml C)"
+    return dequantize(data, GGMLQuantizationType.Q4_K).reshape(x.shape).astype(np.float32), label
+
+
+def compare_formats(tensors: dict[str, np.ndarray]) -> dict[str, dict[str, dict[str, float]]]:
+    """Relative MSE and SQNR of NVFP4, MXFP4, INT4-g16 and Q4_K on each named 2-D tensor.
+
+    NVFP4 is ModelOpt's two-level recipe; MXFP4 is ggml's quantizer (E8M0 per 32);
+    INT4-g16 is symmetric with an FP16 scale per 16; Q4_K is ggml's K-quant without an
+    importance matrix (needs rows of a multiple of 256, skipped otherwise).
+    Bits per weight count the scales.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, x in tensors.items():
+        x = formats.as_f32(x, name=name, finite=True)
+        if x.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {x.shape}")
+        recon = {
+            "NVFP4": (nvfp4.dequantize_nvfp4_modelopt(*nvfp4.quantize_nvfp4_modelopt(x, name=name)), 4.5),
+            "MXFP4": (nvfp4.dequantize_mxfp4_ggml(nvfp4.quantize_mxfp4_ggml(x, name=name)), 4.25),
+            "INT4-g16": (nvfp4.dequantize_int4_g16(*nvfp4.quantize_int4_g16(x, name=name)), 5.0),
+        }
+        if x.shape[1] % 256 == 0:
+            q4k, _ = _q4_k_roundtrip(x)
+            recon["Q4_K"] = (q4k, 4.5)
+        out[name] = {
+            fmt: {"rel_mse": nvfp4.relative_mse(x, r), "sqnr_db": nvfp4.sqnr_db(x, r), "bits_per_weight": bpw}
+            for fmt, (r, bpw) in recon.items()
+        }
+    return out
