@@ -22,12 +22,33 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
 class NotebookFailed(RuntimeError):
-    """A notebook raised: carries the notebook path and the failing cell's index."""
+    """A notebook raised: names the notebook, the failing cell (index in the source notebook,
+    counting from 0, and its first line) and the exception."""
 
-    def __init__(self, notebook: Path, cell_index: int | None, ename: str, evalue: str, executed: Path):
+    def __init__(self, notebook: Path, cell_index: int | None, ename: str, evalue: str, executed: Path,
+                 cell_source: str = ""):
         self.notebook, self.cell_index, self.ename, self.evalue, self.executed = notebook, cell_index, ename, evalue, executed
         where = f"cell {cell_index}" if cell_index is not None else "an unknown cell"
+        first = next((ln for ln in cell_source.splitlines() if ln.strip()), "")
+        if first:
+            where += f" ({first.strip()[:80]!r})"
         super().__init__(f"{notebook.name} failed in {where}: {ename}: {evalue} (executed copy: {executed})")
+
+
+def _source_cell(executed: Path, cell_index: int | None) -> tuple[int | None, str]:
+    """Map a cell index of the executed copy (which has papermill's injected parameters cell)
+    back to the source notebook's index, and return that cell's source."""
+    if cell_index is None:
+        return None, ""
+    try:
+        import nbformat  # noqa: PLC0415
+
+        cells = [c for c in nbformat.read(str(executed), as_version=4).cells  # drop papermill's error banners
+                 if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+        injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells[:cell_index])
+        return cell_index - injected, cells[cell_index].source
+    except Exception:  # the executed copy is unreadable: report papermill's index as is
+        return cell_index, ""
 
 
 @dataclass
@@ -116,7 +137,8 @@ def run_notebook(notebook: Path, executed: Path, parameters: dict, log_output: b
             kernel_name="python3", progress_bar=False, log_output=log_output,
         )
     except PapermillExecutionError as exc:
-        raise NotebookFailed(notebook, exc.cell_index, exc.ename, exc.evalue, executed) from None
+        index, source = _source_cell(executed, exc.cell_index)
+        raise NotebookFailed(notebook, index, exc.ename, exc.evalue, executed, source) from None
     return time.perf_counter() - start
 
 

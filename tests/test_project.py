@@ -116,3 +116,19 @@ def test_cli_lists_subcommands():
 
     help_text = build_parser().format_help()
     assert "workbook" in help_text
+
+
+def test_failing_notebook_names_the_cell(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("SMOKE = True"), nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("assert x == 2, 'x should be two'")]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "99_broken.ipynb"
+    nbformat.write(nb, src)
+    with pytest.raises(workbook.NotebookFailed) as info:
+        workbook.run_notebook(src, tmp_path / "out.ipynb", {"SMOKE": True})
+    message = str(info.value)
+    assert "99_broken.ipynb" in message and "AssertionError" in message and "x should be two" in message
+    assert info.value.cell_index == 2 and "cell 2" in message and "assert x == 2" in message
