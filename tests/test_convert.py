@@ -1,0 +1,202 @@
+"""The converter against the real implementations: llama.cpp's convert_hf_to_gguf.py (tensors and
+model metadata byte for byte), gguf-py (NVFP4 dequantization, BF16 rounding), llama.cpp through
+llama-cpp-python vs transformers' Qwen3_5MoeForCausalLM (next-token distributions), and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest_convert import converted, tiny  # noqa: F401  (fixtures)
+
+from nexlab import convert as cv
+from nexlab.chat_template import fixed_template, original_template
+from nexlab.checkpoint import Checkpoint
+from nexlab.gguf_inspect import diff_gguf, inspect_gguf
+
+KINDS = ["bf16", "nvfp4", "nvfp4_all"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_tensors_and_model_metadata_equal_llamacpp_converter(converted, kind):  # noqa: F811
+    ours, ref = converted(kind)
+    assert diff_gguf(ours, ref) == []  # names, types, shapes, bytes; every non-vocab, non-general key
+    a, b = inspect_gguf(ours)["metadata"], inspect_gguf(ref)["metadata"]
+    for key in ("general.architecture", "general.file_type", "general.quantization_version",
+                "tokenizer.ggml.model", "tokenizer.ggml.eos_token_id"):
+        assert a[key] == b[key], key
+    types = {t["type"] for t in inspect_gguf(ours)["tensors"]}
+    assert ("NVFP4" in types) == (kind != "bf16")
+
+
+def test_diff_gguf_can_fail(converted):  # noqa: F811
+    ours, _ = converted("nvfp4")
+    other, _ = converted("bf16")
+    d = diff_gguf(ours, other)
+    assert any("type NVFP4 vs BF16" in x for x in d) and any("general.file_type" not in x for x in d)
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "nvfp4_all"])
+def test_nvfp4_tensors_dequantize_to_modelopt_values(tiny, converted, kind):  # noqa: F811
+    """gguf-py's NVFP4 dequantizer on our bytes == ModelOpt's e2m1*e4m3 values (weight_scale_2
+    carried by the .scale sidecar), after the same value-head reorder applied to float tensors."""
+    import gguf
+
+    from nexlab.nvfp4 import dequantize_nvfp4_modelopt
+
+    ours, _ = converted(kind)
+    r = gguf.GGUFReader(ours)
+    tensors = {t.name: t for t in r.tensors}
+    ck = Checkpoint(tiny[kind])
+    plan = {p.name: p for p in cv.plan_tensors(ck)}
+    checked = 0
+    for name, t in tensors.items():
+        if t.tensor_type != gguf.GGMLQuantizationType.NVFP4:
+            continue
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # e2m1 * e4m3 (ggml doubles/halves)
+        srcs = plan[name].sources
+        want = []
+        for s in srcs:
+            m = s[: -len(".weight")]
+            w = dequantize_nvfp4_modelopt(ck.load(s), ck.load(m + ".weight_scale"), np.float32(1.0))
+            want.append(cv.transform_float(s, torch.from_numpy(np.asarray(w)), ck.config).numpy())
+        want = np.stack(want) if len(srcs) > 1 else want[0]
+        assert got.shape == want.shape, name
+        assert np.array_equal(got, want), name
+        s2 = np.array([float(ck.load(s[: -len(".weight")] + ".weight_scale_2")) for s in srcs], np.float32)
+        if name.replace(".weight", ".scale") in tensors:
+            assert np.array_equal(np.asarray(tensors[name.replace(".weight", ".scale")].data), s2)
+        else:
+            assert np.allclose(s2, 1.0, atol=1e-6)
+        checked += 1
+    assert checked >= (48 if kind == "nvfp4" else 60)
+
+
+def test_bf16_rounding_matches_gguf_py():
+    import gguf
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(4096).astype(np.float32) * np.float32(3.0) ** rng.integers(-40, 40, 4096)
+    bits = rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32).view(np.float32)  # NaNs, infs, ties
+    ties = (np.arange(1, 257, dtype=np.uint32) << 16 | 0x8000).view(np.float32)
+    for v in (x, bits, ties, np.array([0.0, -0.0, np.inf, -np.inf, np.nan], np.float32)):
+        want = gguf.quants.quantize(v, gguf.GGMLQuantizationType.BF16).view(np.uint16)
+        assert np.array_equal(cv.f32_to_bf16_bits(v), want)
+
+
+def test_v_head_permutation_tiles_value_heads():
+    p = cv.v_head_permutation(n_k=2, per_k=3, head_dim=2)
+    # grouped [G0v0 G0v1 G0v2 G1v0 G1v1 G1v2] -> tiled [G0v0 G1v0 G0v1 G1v1 G0v2 G1v2]
+    assert p.tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+
+
+def test_nvfp4_reorder_commutes_with_dequantization():
+    """Moving packed codes and block scales by head == dequantizing and moving floats."""
+    from nexlab.nvfp4 import dequantize_nvfp4_modelopt, quantize_nvfp4_modelopt
+
+    cfg = {"linear_num_key_heads": 2, "linear_num_value_heads": 6, "linear_key_head_dim": 32,
+           "linear_value_head_dim": 32}
+    rng = np.random.default_rng(1)
+    for suffix, shape in (("in_proj_qkv", (2 * 64 + 192, 128)), ("in_proj_z", (192, 128)),
+                          ("in_proj_a", (6, 128)), ("out_proj", (64, 192))):
+        name = f"model.layers.0.linear_attn.{suffix}.weight"
+        w, s, s2 = quantize_nvfp4_modelopt(rng.standard_normal(shape).astype(np.float32))
+        w2, sc2 = cv.transform_nvfp4(name, torch.from_numpy(w), torch.from_numpy(s).view(torch.float8_e4m3fn), cfg)
+        got = dequantize_nvfp4_modelopt(w2.numpy(), sc2, s2)
+        want = cv.transform_float(name, torch.from_numpy(dequantize_nvfp4_modelopt(w, s, s2)), cfg).numpy()
+        assert np.array_equal(got, want), suffix
+        assert not np.array_equal(got, dequantize_nvfp4_modelopt(w, s, s2)), suffix  # it did move something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nvfp4", "nvfp4_all"])
+def test_llamacpp_next_token_distributions_match_transformers(tiny, converted, kind):  # noqa: F811
+    from nexlab.reference import compare_logits, heldout_tokens
+
+    ours, _ = converted(kind)
+    ids = heldout_tokens(tiny["artifacts"], tiny["tokenizer"], n=256)
+    r = compare_logits(tiny[kind], ours, ids, window=128, greedy_prompts=2, greedy_len=8)
+    assert r["positions"] >= 128
+    assert r["mean_kl"] < 1e-3, r["mean_kl"]
+    assert r["greedy_all_equal"], r["greedy"]
+
+
+def test_llamacpp_tokenizes_like_the_hf_tokenizer(tiny, converted):  # noqa: F811
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    ours, _ = converted("nvfp4")
+    llm = Llama(model_path=str(ours), vocab_only=True, verbose=False)
+    tok = Tokenizer.from_file(str(tiny["tokenizer"] / "tokenizer.json"))
+    text = tiny["heldout_text"].read_text()[:4000]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text).ids
+    assert llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)[0] == tok.token_to_id("<|im_start|>")
+    assert llm.token_eos() == tok.token_to_id("<|endoftext|>")
+
+
+def test_fixed_chat_template_by_default_original_on_request(tiny, converted, tmp_path):  # noqa: F811
+    ours, _ = converted("nvfp4")
+    assert inspect_gguf(ours)["metadata"]["tokenizer.chat_template"] == fixed_template()
+    out = tmp_path / "orig.gguf"
+    cv.convert_checkpoint(tiny["nvfp4"], out, chat_template="original", show_progress=False)
+    orig = original_template(tiny["nvfp4"])
+    assert orig and orig != fixed_template()
+    assert inspect_gguf(out)["metadata"]["tokenizer.chat_template"] == orig
+
+
+def test_interrupted_conversion_leaves_no_file(tiny, tmp_path, monkeypatch):  # noqa: F811
+    real = cv.plan_tensors
+
+    def broken(*a, **k):
+        plan = real(*a, **k)
+
+        def boom():
+            raise KeyboardInterrupt("simulated interruption")
+
+        plan[len(plan) // 2].produce = boom
+        return plan
+
+    monkeypatch.setattr(cv, "plan_tensors", broken)
+    out = tmp_path / "out" / "x.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        cv.convert_checkpoint(tiny["nvfp4"], out, show_progress=False)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_cli_convert_and_inspect(tiny, tmp_path, capsys):  # noqa: F811
+    from nexlab.cli import main
+
+    out = tmp_path / "cli.gguf"
+    assert main(["convert", str(tiny["nvfp4"]), "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["totals"]["NVFP4"]["bits_per_weight"] == 4.5
+    assert info["totals"]["BF16"]["bits_per_weight"] == 16.0
+    assert sum(d["tensors"] for d in info["totals"].values()) == len(info["tensors"])
+    assert info["metadata"]["general.architecture"] == "qwen35moe"
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "blk.0.ffn_gate_exps.weight" in text and "totals per type" in text
+    assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "n.gguf")]) == 1
+
+
+@pytest.mark.slow
+def test_quantized_variants_load_in_llamacpp_and_degrade_in_order(tiny, tmp_path):  # noqa: F811
+    """q8_0 / q4_k_m through the kquants hooks: llama.cpp loads them, NVFP4 experts stay NVFP4,
+    and the distance to the reference grows bf16 < q8_0 < q4_k_m while staying small."""
+    from nexlab.reference import build_hf_model, heldout_tokens, hf_logits, kl_per_position, llama_logits, open_llama
+
+    ids = heldout_tokens(tiny["artifacts"], tiny["tokenizer"], n=128)
+    ref = hf_logits(build_hf_model(tiny["nvfp4"]), ids)
+    kl = {}
+    for v in ("bf16", "q8_0", "q4_k_m"):
+        out = tmp_path / f"{v}.gguf"
+        r = cv.convert_checkpoint(tiny["nvfp4"], out, variant=v, show_progress=False)
+        assert r.types["NVFP4"] == 48
+        kl[v] = float(kl_per_position(ref, llama_logits(open_llama(out), ids)).mean())
+    assert kl["bf16"] < kl["q8_0"] < kl["q4_k_m"] < 1e-2, kl
+    assert kl["q8_0"] < 1e-3, kl
