@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +52,7 @@ from nexlab.checkpoint import NVFP4_GROUP_SIZE, Checkpoint, e4m3_bytes_nan_mask,
 ARCH = "qwen35moe"
 VARIANTS = ("bf16", "q8_0", "q4_k_m")
 SCALE_TRIVIAL_ATOL = 1e-6  # llama.cpp omits .scale / .input_scale when all values are this close to 1
+log = logging.getLogger(__name__)
 
 
 def _gguf():
@@ -378,7 +380,8 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
             return None
         from nexlab.imatrix import imatrix_for_tensor  # noqa: PLC0415
 
-        return imatrix_for_tensor(imatrix, g, shape[-1], shape[0] if len(shape) == 3 else 1)
+        # a missing entry falls back to no importance weights, as llama.cpp does, and says so (warning)
+        return imatrix_for_tensor(imatrix, g, shape[-1], shape[0] if len(shape) == 3 else 1, log=log.warning)
 
     def float_tensor(hf: str, layer: int | None):
         e = ck.info(hf)
@@ -588,6 +591,46 @@ def file_type_for(ck: Checkpoint, variant: str):
     return {"q8_0": F.MOSTLY_Q8_0, "q4_k_m": F.MOSTLY_Q4_K_M}[variant]
 
 
+# ----------------------------------------------------------------------------- llama-quantize layout
+def llama_quantize_layout(plan: list[PlannedTensor], add_metadata: Callable[[Any], None]
+                          ) -> tuple[list[PlannedTensor], Callable[[Any], None]]:
+    """The file layout llama_model_quantize gives a converter GGUF (used for the q8_0 / q4_k_m variants).
+
+    Only where things sit in the file changes, never a value or a data byte, so that nexlab's variant
+    file is byte-identical to llama.cpp's quantization of nexlab's NVFP4-BF16 file (llama-quant.cpp,
+    llama.cpp tree of llama-cpp-python 0.3.36):
+
+    - tensors in llama_model_loader's ``weights_map`` order (layer, then name:
+      ``nexlab.quantize.llama_tensor_order``), the order it quantizes and writes them;
+    - each tensor with ``ggml_n_dims`` dimensions (trailing ggml ne 1s dropped, i.e. leading numpy 1s:
+      ``blk.N.ffn_gate_inp_shexp.weight`` ne ``[n_embd, 1]`` -> ``[n_embd]``), as ``gguf_add_tensor``
+      stores it;
+    - ``general.quantization_version`` then ``general.file_type`` last among the key/values:
+      ``gguf_set_val_u32`` on an existing key removes it and appends it again.
+
+    Returns the reordered plan and an ``add_metadata`` that applies the key order.
+    """
+    from nexlab.quantize import llama_tensor_order  # noqa: PLC0415
+
+    rank = {n: i for i, n in enumerate(llama_tensor_order({t.name for t in plan}))}
+
+    def ggml_n_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
+        while len(shape) > 1 and shape[0] == 1:
+            shape = shape[1:]
+        return shape
+
+    out = [replace(t, shape=ggml_n_dims(t.shape)) for t in sorted(plan, key=lambda t: rank[t.name])]
+    keys = _gguf().Keys.General
+
+    def add_metadata_reappended(w):
+        add_metadata(w)
+        kv = w.kv_data[0]
+        for k in (keys.QUANTIZATION_VERSION, keys.FILE_TYPE):
+            kv[k] = kv.pop(k)  # llama.cpp's gguf_set_val_u32: remove, then append
+
+    return out, add_metadata_reappended
+
+
 # ----------------------------------------------------------------------------- writing
 def write_gguf(out_path: str | os.PathLike, arch: str, add_metadata: Callable[[Any], None],
                tensors: list[PlannedTensor], *, show_progress: bool = True, desc: str = "write") -> Path:
@@ -669,7 +712,10 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     """Convert a Qwen3.5-MoE checkpoint (ModelOpt NVFP4 or BF16) to a qwen35moe GGUF.
 
     ``variant``: ``bf16`` (NVFP4 tensors kept, the rest BF16/F32: the "NVFP4-BF16" file); ``q8_0``
-    and ``q4_k_m`` use the hooks :func:`tensor_type_for` / :func:`encode_tensor`.
+    and ``q4_k_m`` use the hooks :func:`tensor_type_for` / :func:`encode_tensor` and are laid out as
+    llama_model_quantize writes them (:func:`llama_quantize_layout`): byte-identical to llama.cpp's
+    quantization of the bf16 file (NVFP4 kept, same imatrix). A tensor without an imatrix entry is
+    quantized without importance weights, as llama.cpp does, with a warning (``nexlab.convert`` logger).
     ``chat_template``: ``fixed`` (nexlab's template, default), ``original`` (the checkpoint's own,
     unchanged) or a file path. ``imatrix``: a llama-imatrix GGUF whose column weights guide the
     K-quant search (q4_k_m). Raises ValueError naming the tensor on malformed input; never leaves a
@@ -729,6 +775,8 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
             if template:
                 w.add_chat_template(template)
 
+        if variant != "bf16":  # the quantized variants are laid out as llama_model_quantize writes them
+            plan, add_metadata = llama_quantize_layout(plan, add_metadata)
         path = write_gguf(out_path, ARCH, add_metadata, plan, show_progress=show_progress,
                           desc=f"convert {Path(out_path).name}")
     types: dict[str, int] = {}
