@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +47,8 @@ from typing import Any, Callable
 import numpy as np
 
 from nexlab.checkpoint import NVFP4_GROUP_SIZE, Checkpoint, e4m3_bytes_nan_mask, validate_checkpoint
+from nexlab.fileio import atomic_output
+from nexlab.formats import f32_to_bf16_bits
 
 ARCH = "qwen35moe"
 VARIANTS = ("bf16", "q8_0", "q4_k_m")
@@ -155,19 +156,6 @@ def tensor_type_for(name: str, shape: tuple[int, ...], variant: str = "bf16", *,
     if n_layer is None:
         raise ValueError(f"{name}: variant {variant!r} needs n_layer")
     return choose_gguf_type(name, tuple(shape), variant, n_layer, n_expert=n_expert)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16): round to nearest even, NaN forced quiet.
-
-    Matches ggml_compute_fp32_to_bf16 (and gguf-py's BF16.quantize_blocks) bit for bit.
-    """
-    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (n & 0x7FFFFFFF) > 0x7F800000
-    r = ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)
-    if nan.any():
-        r = np.where(nan, ((n >> 16) | 64).astype(np.uint16), r)
-    return r
 
 
 def encode_tensor(data, ggml_type, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -645,45 +633,36 @@ def write_gguf(out_path: str | os.PathLike, arch: str, add_metadata: Callable[[A
 
     g = _gguf()
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
     w = g.GGUFWriter(path=None, arch=arch)
-    try:
-        seen = set()
-        for t in tensors:
-            if t.name in seen:
-                raise ValueError(f"duplicate output tensor {t.name}")
-            seen.add(t.name)
-            # logical shape, marked non-uint8 so gguf-py keeps it as is (byte size given explicitly)
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-        add_metadata(w)
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        total = sum(t.nbytes for t in tensors)
-        bar = (progress(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
-               if show_progress else _NoBar())
+    with atomic_output(out) as tmp:
         try:
+            seen = set()
             for t in tensors:
-                data = np.ascontiguousarray(t.produce())
-                if data.nbytes != t.nbytes:
-                    raise ValueError(f"{t.name}: produced {data.nbytes} bytes, expected {t.nbytes} "
-                                     f"({t.ggml_type.name} {list(t.shape)})")
-                w.write_tensor_data(data.reshape(-1).view(np.uint8))
-                bar.update(t.nbytes)
-                del data
+                if t.name in seen:
+                    raise ValueError(f"duplicate output tensor {t.name}")
+                seen.add(t.name)
+                # logical shape, marked non-uint8 so gguf-py keeps it as is (byte size given explicitly)
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+            add_metadata(w)
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            total = sum(t.nbytes for t in tensors)
+            bar = (progress(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+                   if show_progress else _NoBar())
+            try:
+                for t in tensors:
+                    data = np.ascontiguousarray(t.produce())
+                    if data.nbytes != t.nbytes:
+                        raise ValueError(f"{t.name}: produced {data.nbytes} bytes, expected {t.nbytes} "
+                                         f"({t.ggml_type.name} {list(t.shape)})")
+                    w.write_tensor_data(data.reshape(-1).view(np.uint8))
+                    bar.update(t.nbytes)
+                    del data
+            finally:
+                bar.close()
         finally:
-            bar.close()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            w.close()
-        finally:
-            tmp.unlink(missing_ok=True)
-        raise
+            w.close()  # closes the temporary file; atomic_output renames it or removes it
     return out
 
 

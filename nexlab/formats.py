@@ -325,3 +325,17 @@ def f32_to_e8m0_byte(x: Any, *, name: str | None = None) -> np.ndarray:
         e = np.floor(lg)
         e = np.where(a > 0, e, -127.0)
     return ((e.astype(np.int64) + 127) & 0xFF).astype(np.uint8)
+
+
+def f32_to_bf16_bits(x: Any) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16): round to nearest even, NaN made quiet.
+
+    Matches ggml's ``ggml_compute_fp32_to_bf16`` (and gguf-py's ``BF16.quantize_blocks``) bit
+    for bit; the sum is taken in uint64 so no input can wrap.
+    """
+    n = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (n & 0x7FFFFFFF) > 0x7F800000
+    r = ((n.astype(np.uint64) + (0x7FFF + ((n >> 16) & 1))) >> 16).astype(np.uint16)
+    if nan.any():
+        r = np.where(nan, ((n >> 16) | 64).astype(np.uint16), r)
+    return r

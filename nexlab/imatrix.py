@@ -23,11 +23,12 @@ In numpy, an entry is ``in_sum2`` float32 ``[n_mat, ne0]`` and ``counts`` float3
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from nexlab.fileio import atomic_output
 
 __all__ = [
     "ImatrixEntry",
@@ -110,10 +111,7 @@ def write_imatrix(path: str | os.PathLike, imatrix: Imatrix) -> Path:
     if not imatrix.datasets:
         raise ValueError(f"{path}: imatrix.datasets must name at least one dataset (llama-imatrix records its text "
                          "file; gguf-py cannot write an empty array)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch="imatrix")
         w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
         w.add_type("imatrix")
@@ -133,11 +131,6 @@ def write_imatrix(path: str | os.PathLike, imatrix: Imatrix) -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

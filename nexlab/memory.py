@@ -871,16 +871,13 @@ def write_shape_gguf(path: str | Path, model: HybridModel, variant: str = "bf16"
     tokenizer is ``none`` with ``{arch}.vocab_size`` dummy tokens. Written to a temporary name
     in the target folder and renamed. Returns the tensor list written.
     """
-    import os  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     import numpy as np  # noqa: PLC0415
+
+    from nexlab.fileio import atomic_output  # noqa: PLC0415
 
     path = Path(path)
     specs = retype_tensor_specs(gguf_tensor_specs(model, nvfp4_scope), variant, model.n_layer, model.n_expert)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, model.arch)
         a = model.arch
         w.add_type("model")
@@ -926,11 +923,6 @@ def write_shape_gguf(path: str | Path, model: HybridModel, variant: str = "bf16"
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return specs
 
 

@@ -44,6 +44,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from nexlab import kquants
+from nexlab.formats import f32_to_bf16_bits
 
 __all__ = [
     "VARIANTS",
@@ -58,7 +59,6 @@ __all__ = [
     "TensorPlan",
     "plan_types",
     "nvfp4_override_patterns",
-    "fp32_to_bf16_bits",
     "quantize_tensor",
 ]
 
@@ -294,16 +294,6 @@ def nvfp4_override_patterns(plans: Iterable[TensorPlan]) -> list[str]:
     return ["^" + re.escape(p.name) + "$" for p in plans if p.source_type == "NVFP4" and p.target_type == "NVFP4"]
 
 
-def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """``ggml_compute_fp32_to_bf16``: round to nearest even, NaN made quiet; uint16 bits."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    if nan.any():
-        r = np.where(nan, ((u >> 16) | 64).astype(np.uint16), r)
-    return r
-
-
 def quantize_tensor(data, type_name: str, imatrix: np.ndarray | None = None, *, name: str = "tensor") -> np.ndarray:
     """Quantize a float tensor (numpy shape ``[..., ne1, ne0]``) as llama_model_quantize does.
 
@@ -323,7 +313,7 @@ def quantize_tensor(data, type_name: str, imatrix: np.ndarray | None = None, *, 
     if t == "F16":
         return x.astype(np.float16).reshape(-1).view(np.uint8).copy()
     if t == "BF16":
-        return fp32_to_bf16_bits(x).reshape(-1).view(np.uint8).copy()
+        return f32_to_bf16_bits(x).reshape(-1).view(np.uint8).copy()
     if t not in kquants.QUANT_TYPES:
         raise ValueError(f"{name}: nexlab cannot quantize to {type_name}")
     ne0 = x.shape[-1]

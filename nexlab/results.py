@@ -12,9 +12,10 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from nexlab.fileio import atomic_output
 
 
 def _plain(value: Any) -> Any:
@@ -59,11 +60,8 @@ def record(output_dir: str | os.PathLike, **figures: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data = load(out)
     data.update(_plain(figures))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, out / "results.json")
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out / "results.json"
 
 

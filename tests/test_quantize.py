@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import gguf
+from nexlab import formats as F
 from nexlab import quantize as Q
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -25,7 +26,7 @@ GGML_NVFP4 = 40
 
 
 def _bf16(x):
-    return Q.fp32_to_bf16_bits(np.asarray(x, np.float32))
+    return F.f32_to_bf16_bits(np.asarray(x, np.float32))
 
 
 def build_gguf(path, n_layer: int, *, experts: bool | str = True, odd_shapes: bool = False, seed: int = 0):
@@ -298,7 +299,7 @@ def test_bf16_rounding_matches_torch():
     x = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 1e3
     x[:4] = [np.inf, -np.inf, 0.0, -0.0]
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    assert np.array_equal(Q.fp32_to_bf16_bits(x), ref)
+    assert np.array_equal(F.f32_to_bf16_bits(x), ref)
 
 
 # --------------------------------------------------------------------------- the tiny model end to end
