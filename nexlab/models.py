@@ -38,11 +38,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from .fileio import atomic_directory, atomic_write_text
 from .config import parameter_counts, slice_config, tiny_config, to_transformers, validate_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -78,36 +78,7 @@ def tiny_paths(artifacts_dir: str | os.PathLike | None = None) -> dict[str, Path
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _staging_dir(final: Path):
-    """Yield a temp folder next to ``final``; on success it replaces ``final`` (never half-written)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint folder is ordinary shared output
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o644)
-        if final.exists():
-            old = final.parent / f".{final.name}.old.{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -283,7 +254,7 @@ def save_bf16_checkpoint(causal_lm, cfg: dict, out_dir: str | os.PathLike, token
     full.model.language_model.load_state_dict(causal_lm.model.state_dict(), strict=True)
     full.lm_head.load_state_dict(causal_lm.lm_head.state_dict(), strict=True)
     total = sum(p.numel() * p.element_size() for p in full.parameters())
-    with _staging_dir(out) as tmp:
+    with atomic_directory(out) as tmp:
         full.save_pretrained(tmp, max_shard_size=total // min_shards + 1)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
@@ -333,7 +304,7 @@ def modelopt_nvfp4_export(bf16_dir, out_dir, calib_windows, *, scope: str = "mlp
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # NVFP4 shrinks the quantized part ~3.5x: aim below half the smallest plausible size.
     shard = max(1 << 20, bf16_bytes // (4 * min_shards))
-    with _staging_dir(out) as tmp:
+    with atomic_directory(out) as tmp:
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp, max_shard_size=shard)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp)
@@ -563,7 +534,7 @@ def write_slice(out_dir: str | os.PathLike | None = None, *, vocab_size: int | N
     hf_quant = {"producer": {"name": "modelopt", "version": _modelopt_version()},
                 "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
                                  "exclude_modules": _mlp_scope_excludes(t)}}
-    with _staging_dir(out) as tmp:
+    with atomic_directory(out) as tmp:
         w = ShardedWriter(tmp, shard_bytes=1)  # every add() is its own shard
         w.add({lm + "embed_tokens.weight": (torch.randn(v, h, generator=gen) * 0.02).to(torch.bfloat16)})
         layers = range(t["num_hidden_layers"])

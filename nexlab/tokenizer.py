@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
 from .config import SPECIAL_TOKENS
+from .fileio import atomic_directory, atomic_write_text
 
 #: Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2/Qwen3 models); llama.cpp's
 #: LLAMA_VOCAB_PRE_TYPE_QWEN2 implements the same regex.
@@ -61,15 +60,6 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def make_text_splits(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write ``train.txt``, ``calib.txt``, ``heldout.txt`` (disjoint stdlib files) to ``out_dir``.
 
@@ -103,9 +93,9 @@ def make_text_splits(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str,
         if n == 0:
             raise ValueError(f"standard library too small to fill the {name!r} split")
     for name, parts in texts.items():
-        _atomic_write_text(paths[name], "\n\n".join(parts))
+        atomic_write_text(paths[name], "\n\n".join(parts))
     listing = {k: [p.relative_to(root).as_posix() for p in v] for k, v in chosen.items()}
-    _atomic_write_text(out / "files.json", json.dumps({"stdlib": str(root), "seed": seed, **listing}, indent=1))
+    atomic_write_text(out / "files.json", json.dumps({"stdlib": str(root), "seed": seed, **listing}, indent=1))
     return paths
 
 
@@ -154,17 +144,8 @@ def train_tokenizer(train_file: str | os.PathLike, out_dir: str | os.PathLike, v
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE_PLACEHOLDER
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_directory(out) as tmp:
         fast.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_tokenizer(out)
 
 
