@@ -41,6 +41,27 @@ def load_example_weight(artifacts_dir: str | Path, seed: int = 0, max_rows: int 
     return w, "generated Student-t(3) weight [512, 1024] (run notebook 00 for a real one)"
 
 
+def example_distributions(n_values: int, cols: int = 4096, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic float32 matrices ``[n_values // cols, cols]`` for the format comparison.
+
+    ``gaussian`` (standard normal), ``laplace`` (heavier tails) and ``outliers``: standard
+    normal with 0.1 % of the values (at least one) multiplied by 30, the pattern that
+    hurts formats whose scale is shared by many values.
+    """
+    if cols <= 0 or n_values < cols:
+        raise ValueError(f"n_values ({n_values}) must be at least cols ({cols}) and cols positive")
+    rng = np.random.default_rng(seed)
+    n = (n_values // cols) * cols
+    out = {
+        "gaussian": rng.standard_normal(n).astype(np.float32),
+        "laplace": rng.laplace(size=n).astype(np.float32),
+    }
+    x = rng.standard_normal(n).astype(np.float32)
+    x[rng.choice(n, size=max(1, n // 1000), replace=False)] *= 30
+    out["outliers"] = x
+    return {k: v.reshape(-1, cols) for k, v in out.items()}
+
+
 def explain_block(values: Any, tensor_amax: float) -> dict:
     """Quantize one block of 16 as ModelOpt would inside a tensor whose amax is ``tensor_amax``.
 
