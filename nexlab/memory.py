@@ -563,21 +563,37 @@ def gguf_file_size_from_gguf(path: str | Path, variant: str | None = None,
                              extra_metadata: Iterable[tuple[str, Any, VT, VT | None]] = ()) -> dict:
     """Predict the size of ``path`` re-typed to ``variant`` (None: as is), from its own header.
 
-    The header keeps its size when only types change (``general.file_type`` is a u32); keys a
-    quantizer adds (e.g. ``quantize.imatrix.*``) go in ``extra_metadata``.
+    The header keeps its size when only types change (``general.file_type`` is a u32), except
+    that a quantized variant (q8_0, q4_k_m) is written as llama_model_quantize writes it: tensor
+    shapes lose trailing 1-dims (``ggml_n_dims``), 8 bytes of tensor info each (the converter
+    writes ``ffn_gate_inp_shexp`` as [n, 1]). Keys a quantizer adds (e.g.
+    ``quantize.imatrix.*``) go in ``extra_metadata``.
     """
     reader = gguf.GGUFReader(str(path))
     align = int(reader.alignment)
     specs = _specs_of_gguf(reader)
     n_layer = 1 + max((int(s.name.split(".")[1]) for s in specs if s.name.startswith("blk.")), default=-1)
+    dropped_dims = 0
     if variant is not None:
         n_expert = int(_field(reader, f"{_field(reader, 'general.architecture')}.expert_count", 0, required=False) or 0)
         specs = retype_tensor_specs(specs, variant, n_layer, n_expert)
+        if variant != "bf16":
+            trimmed = [replace(s, ne=_ggml_n_dims_shape(s.ne)) for s in specs]
+            dropped_dims = sum(len(a.ne) - len(b.ne) for a, b in zip(specs, trimmed))
+            specs = trimmed
     extra = sum(gguf_value_nbytes(k, VT.STRING) + 4 + gguf_value_nbytes(v, t, st)
-                for k, v, t, st in extra_metadata)
+                for k, v, t, st in extra_metadata) - 8 * dropped_dims
     header = -(-(_unpadded_header_end(reader) + extra) // align) * align
     return {"file_bytes": gguf_file_size(specs, header, align), "header_bytes": header,
             "weights_bytes": weights_bytes(specs), "specs": specs, "alignment": align}
+
+
+def _ggml_n_dims_shape(ne: tuple[int, ...]) -> tuple[int, ...]:
+    """``ne`` without trailing 1-dims, at least one dimension kept (ggml_n_dims)."""
+    n = len(ne)
+    while n > 1 and ne[n - 1] == 1:
+        n -= 1
+    return tuple(ne[:n])
 
 
 def _unpadded_header_end(reader: "gguf.GGUFReader") -> int:

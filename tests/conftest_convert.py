@@ -1,8 +1,8 @@
 """Shared fixtures for the conversion tests (imported by test_checkpoint.py and test_convert.py).
 
 The tiny checkpoints come from ``nexlab.models.ensure_tiny(smoke=True)`` (built once, reused);
-llama.cpp's own converter runs through ``/work/shared/tools/llamacpp-convert`` (or
-``$NEXLAB_REFERENCE_CONVERT``) with this interpreter, once per checkpoint per session.
+llama.cpp's own converter runs through nexlab.llamacpp_tools (``$NEXLAB_REFERENCE_CONVERT`` or
+``../shared/tools/llamacpp-convert``) with this interpreter, once per checkpoint per session.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE_TOOL = Path(os.environ.get("NEXLAB_REFERENCE_CONVERT", "/work/shared/tools/llamacpp-convert"))
+from nexlab.llamacpp_tools import reference_converter, run_reference_converter
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +37,9 @@ def converted(tiny, tmp_path_factory):
         if kind not in cache:
             ours, ref = root / f"nexlab-{kind}.gguf", root / f"llamacpp-{kind}.gguf"
             convert_checkpoint(tiny[kind], ours, show_progress=False)
-            if not REFERENCE_TOOL.exists():
-                pytest.skip(f"reference converter {REFERENCE_TOOL} not available")
-            env = dict(os.environ, PYTHON=sys.executable,
-                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-            r = subprocess.run([str(REFERENCE_TOOL), str(tiny[kind]), str(ref)], env=env,
-                               capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-3000:]
+            if reference_converter() is None:
+                pytest.skip("llama.cpp's reference converter (llamacpp-convert) not available")
+            run_reference_converter(tiny[kind], ref)
             cache[kind] = (ours, ref)
         return cache[kind]
 

@@ -21,8 +21,8 @@ import torch
 
 from nexlab import models as M
 from nexlab.config import SPECIAL_TOKENS, tiny_config
+from nexlab.llamacpp_tools import reference_converter, run_reference_converter
 
-CONVERTER = Path("/work/shared/tools/llamacpp-convert")
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +242,9 @@ def test_sharded_writer_refuses_a_tensor_written_twice(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["nvfp4", "bf16"])
 def test_llamacpp_reference_converter_accepts_the_checkpoint(tiny, variant, tmp_path):
-    if not CONVERTER.is_file():
-        pytest.skip("reference converter not available")
-    out = tmp_path / f"{variant}.gguf"
-    env = dict(os.environ, PYTHON=sys.executable)
-    r = subprocess.run([str(CONVERTER), str(tiny[variant]), str(out)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if reference_converter() is None:
+        pytest.skip("llama.cpp's reference converter (llamacpp-convert) not available")
+    out = run_reference_converter(tiny[variant], tmp_path / f"{variant}.gguf", timeout=600)
     from gguf import GGUFReader
 
     reader = GGUFReader(str(out))
