@@ -296,19 +296,19 @@ def _scale_bytes(scale) -> np.ndarray:
     return scale.contiguous().view(torch.uint8).numpy()
 
 
-def repack_nvfp4_module(ck: Checkpoint, module: str, cfg: dict) -> np.ndarray:
-    """Load one NVFP4 module, check its block scales, reorder if needed, repack to ggml bytes."""
+def repack_nvfp4_module(ck: Checkpoint, module: str, cfg: dict, out: np.ndarray | None = None) -> np.ndarray:
+    """Load one NVFP4 module, check its block scales, reorder if needed, repack to ggml bytes
+    (into ``out`` when given: one expert's slot of a stacked tensor)."""
     from nexlab.nvfp4 import repack_modelopt_to_ggml  # noqa: PLC0415
 
     w = ck.load(f"{module}.weight")
     s = ck.load(f"{module}.weight_scale")
-    sb = _scale_bytes(s)
-    if e4m3_bytes_nan_mask(sb).any():
-        r, c = np.argwhere(e4m3_bytes_nan_mask(sb))[0]
+    nan = e4m3_bytes_nan_mask(_scale_bytes(s))
+    if nan.any():
+        r, c = np.argwhere(nan)[0]
         raise ValueError(f"{module}.weight_scale: NaN block scale at row {r}, block {c}")
     w, s = transform_nvfp4(f"{module}.weight", w, s, cfg)
-    out = repack_modelopt_to_ggml(w.numpy(), _scale_bytes(s))
-    return np.ascontiguousarray(out, dtype=np.uint8)
+    return repack_modelopt_to_ggml(w.numpy(), _scale_bytes(s), name=module, out=out)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -430,8 +430,11 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
             if ck.is_nvfp4(mods[0]):
                 shape = (n_exp, e0.shape[0], 2 * e0.shape[1])
 
-                def produce(mods=mods):
-                    return np.stack([repack_nvfp4_module(ck, m, cfg) for m in mods])
+                def produce(mods=mods, shape=shape):
+                    stacked = np.empty(shape[:2] + (shape[2] // 64 * 36,), dtype=np.uint8)
+                    for k, m in enumerate(mods):
+                        repack_nvfp4_module(ck, m, cfg, out=stacked[k])
+                    return stacked
 
                 plan.append(PlannedTensor(g, ttf(g, shape, "nvfp4"), shape, produce,
                                           tuple(m + ".weight" for m in mods), i))

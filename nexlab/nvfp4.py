@@ -416,7 +416,8 @@ def quantize_nvfp4_ggml(x: Any, *, name: str | None = None) -> np.ndarray:
     return out.reshape(a.shape[:-1] + (out.shape[-1],))
 
 
-def repack_modelopt_to_ggml(weight: Any, weight_scale: Any, *, name: str | None = None) -> np.ndarray:
+def repack_modelopt_to_ggml(weight: Any, weight_scale: Any, *, name: str | None = None,
+                            out: np.ndarray | None = None) -> np.ndarray:
     """Rearrange a ModelOpt NVFP4 ``weight [..., in/2]`` + ``weight_scale [..., in/16]`` into
     ggml NVFP4 rows ``[..., in/64*36]`` without changing any value.
 
@@ -426,6 +427,8 @@ def repack_modelopt_to_ggml(weight: Any, weight_scale: Any, *, name: str | None 
     finite positive byte, so the ggml tensor times ``weight_scale_2`` equals ModelOpt's
     values (up to the rounding of that last product; ModelOpt's code 8 (-0) becomes +0).
     ``in`` must be a multiple of 64. ``weight_scale`` may be uint8 or torch float8_e4m3fn.
+    ``out``: an optional C-contiguous uint8 array of the result's shape to write into (the
+    converter stacks experts this way without an extra copy).
     """
     wq = as_bytes(weight, name=name)
     sb = as_bytes(weight_scale, name=f"{name}.weight_scale" if name else "weight_scale")
@@ -444,12 +447,24 @@ def repack_modelopt_to_ggml(weight: Any, weight_scale: Any, *, name: str | None 
         )
     if np.any((sb & 0x7F) == 0x7F):
         raise ValueError(f"{_label(name, 'weight_scale')}: contains NaN scale bytes (0x7F/0xFF)")
-    rows = wq.reshape(-1, wq.shape[-1])
-    srows = sb.reshape(-1, sb.shape[-1])
-    out = np.empty((rows.shape[0], n // GGML_NVFP4_BLOCK * GGML_NVFP4_BYTES), dtype=np.uint8)
-    for sl in _row_chunks(rows.shape[0], n):
-        out[sl] = pack_nvfp4_ggml(unpack_nibbles_adjacent(rows[sl]), srows[sl] & 0x7F)
-    return out.reshape(wq.shape[:-1] + (out.shape[-1],))
+    # Byte shuffle without unpacking: in a 16-value group ModelOpt byte t holds values 2t / 2t+1
+    # (low / high nibble); ggml byte j holds values j / j+8. With A = ModelOpt bytes 0..3 and
+    # B = bytes 4..7 of the group, ggml byte 2t = lo(A[t]) | lo(B[t]) << 4 and ggml byte 2t+1 =
+    # hi(A[t]) | hi(B[t]) << 4.
+    nb = n // GGML_NVFP4_BLOCK
+    shape = wq.shape[:-1] + (nb * GGML_NVFP4_BYTES,)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"{_label(name, 'out')}: expected a C-contiguous uint8 array of shape {shape}")
+    rows = wq.reshape(-1, nb, 4, 2, 4)  # [row, block, group, A|B, t]
+    blocks = out.reshape(rows.shape[0], nb, GGML_NVFP4_BYTES)
+    blocks[..., :4] = sb.reshape(-1, nb, 4) & 0x7F
+    q = blocks[..., 4:].reshape(rows.shape[0], nb, 4, 4, 2)  # [row, block, group, t, even|odd]
+    a, b = rows[..., 0, :], rows[..., 1, :]
+    q[..., 0] = (a & 0x0F) | (b << 4)
+    q[..., 1] = (a >> 4) | (b & 0xF0)
+    return out
 
 
 # --------------------------------------------------------------------------- MXFP4 (ggml)
