@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from .checkpoint import read_safetensors_header
 from .fileio import atomic_directory, atomic_write_text
 from .config import parameter_counts, slice_config, tiny_config, to_transformers, validate_config
 
@@ -145,9 +146,7 @@ def tensor_table(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
     wm = checkpoint_index(d)
     rows = []
     for fname in sorted(set(wm.values())):
-        with open(d / fname, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+        header = read_safetensors_header(d / fname)  # also refuses truncated shards, naming them
         for name, info in header.items():
             if name == "__metadata__":
                 continue
