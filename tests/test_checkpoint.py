@@ -170,3 +170,41 @@ def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: 
     convert_checkpoint(src, a, show_progress=False)
     convert_checkpoint(dst, b, show_progress=False)
     assert diff_gguf(a, b) == []
+
+
+def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # noqa: F811
+    """transformers 5 stores BF16 experts fused (gate_up_proj [E, 2I, H], gate rows first; down_proj
+    [E, H, I]); the GGUF must equal the one from the per-expert (ModelOpt export) layout."""
+    import re
+    import shutil
+
+    from nexlab.gguf_inspect import diff_gguf
+
+    src = tiny["bf16"]
+    tensors = {}
+    for shard in sorted(src.glob("model-*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    pat = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+    per_expert: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
+    fused = {}
+    for k, v in tensors.items():
+        m = pat.match(k)
+        if m:
+            per_expert.setdefault(m.group(1), {})[(m.group(3), int(m.group(2)))] = v
+        else:
+            fused[k] = v
+    assert per_expert, "the tiny checkpoint should store experts per expert"
+    for prefix, parts in per_expert.items():
+        n = 1 + max(e for _, e in parts)
+        fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts["gate", e], parts["up", e]]) for e in range(n)])
+        fused[f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(n)])
+    dst = tmp_path / "fused"
+    dst.mkdir()
+    save_file(fused, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    a, b = tmp_path / "per_expert.gguf", tmp_path / "fused.gguf"
+    convert_checkpoint(src, a, show_progress=False)
+    convert_checkpoint(dst, b, show_progress=False)
+    assert diff_gguf(a, b) == []
