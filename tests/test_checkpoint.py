@@ -147,10 +147,20 @@ def test_e4m3_nan_mask_covers_both_signs():
     assert np.array_equal(e4m3_bytes_nan_mask(b), np.isnan(f))
 
 
-def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: F811
-    """One model.safetensors with ``language_model.model.`` keys == the sharded original, byte for byte."""
+def _single_file_copy(src: Path, dst: Path, tensors: dict) -> Path:
+    """``tensors`` saved as one model.safetensors in ``dst``, with ``src``'s config, tokenizer and template files."""
     import shutil
 
+    dst.mkdir()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: F811
+    """One model.safetensors with ``language_model.model.`` keys == the sharded original, byte for byte."""
     from nexlab.gguf_inspect import diff_gguf
 
     src = tiny["bf16"]
@@ -160,12 +170,7 @@ def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: 
             if k.startswith("model.language_model."):
                 k = "language_model.model." + k[len("model.language_model."):]
             merged[k] = v
-    dst = tmp_path / "single"
-    dst.mkdir()
-    save_file(merged, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.suffix in (".json", ".jinja") and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
+    dst = _single_file_copy(src, tmp_path / "single", merged)
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     convert_checkpoint(src, a, show_progress=False)
     convert_checkpoint(dst, b, show_progress=False)
@@ -176,7 +181,6 @@ def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # no
     """transformers 5 stores BF16 experts fused (gate_up_proj [E, 2I, H], gate rows first; down_proj
     [E, H, I]); the GGUF must equal the one from the per-expert (ModelOpt export) layout."""
     import re
-    import shutil
 
     from nexlab.gguf_inspect import diff_gguf
 
@@ -198,12 +202,7 @@ def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # no
         n = 1 + max(e for _, e in parts)
         fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts["gate", e], parts["up", e]]) for e in range(n)])
         fused[f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(n)])
-    dst = tmp_path / "fused"
-    dst.mkdir()
-    save_file(fused, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.suffix in (".json", ".jinja") and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
+    dst = _single_file_copy(src, tmp_path / "fused", fused)
     a, b = tmp_path / "per_expert.gguf", tmp_path / "fused.gguf"
     convert_checkpoint(src, a, show_progress=False)
     convert_checkpoint(dst, b, show_progress=False)
