@@ -105,11 +105,11 @@ def llama_logits(llm, tokens: list[int]) -> np.ndarray:
 
 
 def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(P || Q) in nats per row, P = softmax(p_logits), Q = softmax(q_logits), float64 log-sum-exp."""
-    lp = p_logits - p_logits.max(-1, keepdims=True)
-    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q_logits - q_logits.max(-1, keepdims=True)
-    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
+    """KL(P || Q) in nats per row, P = softmax(p_logits), Q = softmax(q_logits), float64 log-sum-exp
+    (:func:`nexlab.quality.log_softmax`, which also refuses NaN/Inf logits)."""
+    from nexlab.quality import log_softmax  # noqa: PLC0415
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
