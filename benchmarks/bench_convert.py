@@ -1,6 +1,6 @@
 """Benchmark: nexlab's converter vs llama.cpp's convert_hf_to_gguf.py on the same checkpoint.
 
-Both run as child processes in one invocation (nexlab.llamacpp_tools.benchmark_conversion);
+Both run as child processes in one invocation (nexlab.llamacpp.benchmark_conversion);
 prints both wall times and peak RSS, and the ratios nexlab / llama.cpp (below 1 is better
 for nexlab).
 
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from nexlab.llamacpp_tools import REPO_ROOT, benchmark_conversion
+from nexlab.llamacpp import REPO_ROOT, benchmark_conversion
 
 
 def main(argv: list[str] | None = None) -> int:

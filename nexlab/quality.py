@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nexlab.llamacpp import check_gguf_path, open_model
+
 __all__ = [
     "VariantQuality",
     "QualityReport",
@@ -116,27 +118,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _check_file(path) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"GGUF file {p} does not exist")
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{p} is not a GGUF file (bad magic)")
-    return p
-
-
 def open_gguf(path: str | os.PathLike, n_ctx: int, *, n_threads: int = 2):
-    """llama-cpp-python ``Llama`` on CPU with per-position logits, a context of ``n_ctx`` tokens, one batch."""
-    from llama_cpp import Llama  # noqa: PLC0415
-
-    p = _check_file(path)
-    try:
-        return Llama(model_path=str(p), n_ctx=int(n_ctx), n_batch=int(n_ctx), n_ubatch=int(n_ctx),
-                     n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, n_gpu_layers=0,
-                     seed=0, verbose=False)
-    except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
-        raise ValueError(f"llama.cpp could not load {p}: {exc}") from None
+    """llama.cpp on ``path`` with a context of ``n_ctx`` tokens evaluated as one batch
+    (:func:`nexlab.llamacpp.open_model`)."""
+    return open_model(path, n_ctx, n_threads=n_threads, n_batch=n_ctx)
 
 
 def _chunk_logits(llm, chunk: np.ndarray) -> np.ndarray:
@@ -279,7 +264,7 @@ def evaluate_variants(files: Mapping[str, str | os.PathLike], tokens: Sequence[i
     if reference not in files:
         raise ValueError(f"reference {reference!r} is not one of the files: {', '.join(files)}")
     for p in files.values():
-        _check_file(p)
+        check_gguf_path(p)
     chunks = chunk_tokens(tokens, chunk_size, n_chunks)
     _targets(chunks, score_from)
     order = [reference] + [k for k in files if k != reference]

@@ -90,11 +90,10 @@ def hf_logits(model, tokens: list[int]) -> np.ndarray:
 
 
 def open_llama(gguf_path: str | os.PathLike, n_ctx: int = 256, n_threads: int = 2):
-    """llama-cpp-python model with per-position logits (CPU)."""
-    from llama_cpp import Llama  # noqa: PLC0415
+    """llama.cpp on the GGUF with per-position logits (:func:`nexlab.llamacpp.open_model`)."""
+    from nexlab.llamacpp import open_model  # noqa: PLC0415
 
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                 logits_all=True, verbose=False, n_gpu_layers=0, seed=0)
+    return open_model(gguf_path, n_ctx, n_threads=n_threads)
 
 
 def llama_logits(llm, tokens: list[int]) -> np.ndarray:

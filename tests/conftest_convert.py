@@ -1,7 +1,7 @@
 """Shared fixtures for the conversion tests (imported by test_checkpoint.py and test_convert.py).
 
 The tiny checkpoints come from ``nexlab.models.ensure_tiny(smoke=True)`` (built once, reused);
-llama.cpp's own converter runs through nexlab.llamacpp_tools (``$NEXLAB_REFERENCE_CONVERT`` or
+llama.cpp's own converter runs through nexlab.llamacpp (``$NEXLAB_REFERENCE_CONVERT`` or
 ``../shared/tools/llamacpp-convert``) with this interpreter, once per checkpoint per session.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nexlab.llamacpp_tools import reference_converter, run_reference_converter
+from nexlab.llamacpp import reference_converter, run_reference_converter
 
 
 @pytest.fixture(scope="session")

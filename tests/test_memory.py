@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 import pytest
 
+from nexlab import llamacpp as LL
 from nexlab import memory as M
 from nexlab.config import slice_config, tiny_config
 
@@ -285,8 +286,8 @@ def _check_against_llama(probe, model: M.HybridModel, n_ctx, tk, tv, n_seq, kv_u
     s_bytes = model.n_recr_layers * ggml_nbytes(QT.F32, model.n_embd_s, r["cells"] * (1 + r["n_rs_seq"]))
     assert (kv.k_bytes, kv.v_bytes, rs.r_bytes, rs.s_bytes) == (k_bytes, v_bytes, r_bytes, s_bytes)
     # and llama.cpp's printed MiB equal nexlab's bytes printed the same way
-    assert (k["mib"], k["k_mib"], k["v_mib"]) == (M.llama_mib(kv.bytes), M.llama_mib(kv.k_bytes), M.llama_mib(kv.v_bytes))
-    assert (r["mib"], r["r_mib"], r["s_mib"]) == (M.llama_mib(rs.bytes), M.llama_mib(rs.r_bytes), M.llama_mib(rs.s_bytes))
+    assert (k["mib"], k["k_mib"], k["v_mib"]) == (LL.llama_mib(kv.bytes), LL.llama_mib(kv.k_bytes), LL.llama_mib(kv.v_bytes))
+    assert (r["mib"], r["r_mib"], r["s_mib"]) == (LL.llama_mib(rs.bytes), LL.llama_mib(rs.r_bytes), LL.llama_mib(rs.s_bytes))
     # the overflow warning appears in both or in neither
     assert got["overflow_warning"] == bool(kv.warnings) == any(
         issubclass(w.category, M.ContextOverflowWarning) for w in caught)
@@ -296,7 +297,7 @@ def _check_against_llama(probe, model: M.HybridModel, n_ctx, tk, tv, n_seq, kv_u
 def tiny_probe(tiny_gguf):
     if not HAVE_LLAMA:
         pytest.skip("llama-cpp-python not importable")
-    with M.LlamaCppProbe(tiny_gguf[0]) as probe:
+    with LL.LlamaCppProbe(tiny_gguf[0]) as probe:
         yield probe
 
 
@@ -304,7 +305,7 @@ def tiny_probe(tiny_gguf):
 def slice_probe(slice_gguf):
     if not HAVE_LLAMA:
         pytest.skip("llama-cpp-python not importable")
-    with M.LlamaCppProbe(slice_gguf[0]) as probe:
+    with LL.LlamaCppProbe(slice_gguf[0]) as probe:
         yield probe
 
 

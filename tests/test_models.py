@@ -21,7 +21,7 @@ import torch
 
 from nexlab import models as M
 from nexlab.config import SPECIAL_TOKENS, tiny_config
-from nexlab.llamacpp_tools import reference_converter, run_reference_converter
+from nexlab.llamacpp import reference_converter, run_reference_converter
 
 
 
