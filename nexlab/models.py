@@ -640,15 +640,3 @@ def tensor_summary(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
         g["count"] += 1
         g["bytes"] += r["bytes"]
     return sorted(groups.values(), key=lambda g: g["pattern"])
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows of dicts as a GitHub markdown table (for ``IPython.display.Markdown``)."""
-    if not rows:
-        return ""
-    cols = columns or list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r.get(c, ''):,}" if isinstance(r.get(c), int) else str(r.get(c, ""))
-                                         for c in cols) + " |")
-    return "\n".join(lines)

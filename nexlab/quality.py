@@ -49,7 +49,6 @@ __all__ = [
     "evaluate_variants",
     "importance_stats",
     "bytes_by_type",
-    "markdown_table",
 ]
 
 
@@ -359,19 +358,3 @@ def bytes_by_type(plans) -> dict[str, dict]:
         r["bits_per_weight"] = 8 * r["bytes"] / max(r["elements"], 1)
     out["all"] = tot
     return out
-
-
-def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
-    """A GitHub markdown table of dict rows (for notebooks without pandas)."""
-    if not rows:
-        return ""
-    cols = list(columns or rows[0].keys())
-
-    def f(v):
-        if isinstance(v, (float, np.floating)):
-            return format(float(v), floatfmt)
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)

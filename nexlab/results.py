@@ -1,9 +1,10 @@
-"""Recording what a notebook measured: results.json, figures and versions.
+"""Recording and showing what a notebook measured: results.json, figures, tables and versions.
 
 Every notebook ends by calling :func:`record` so that ``OUTPUT_DIR/results.json``
 holds its figures (numbers people compare between runs); plots are saved next to
 it with :func:`save_figure`. Values are converted to plain JSON (numpy scalars and
-arrays included) and the file is replaced atomically.
+arrays included) and the file is replaced atomically. Tables shown inline go
+through :func:`markdown_table`, the workbook's one table formatter.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from nexlab.fileio import atomic_output
 
@@ -72,6 +73,39 @@ def save_figure(fig, output_dir: str | os.PathLike, name: str, dpi: int = 110) -
     path = out / (name if name.endswith(".png") else f"{name}.png")
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    """One table cell: ints with ``,`` thousands separators, floats with ``floatfmt``, the rest ``str``.
+
+    numpy scalars count as their Python kind; bools stay ``True`` / ``False`` (they are ints to
+    Python, but ``1`` would hide what they mean).
+    """
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                   floatfmt: str = ".4g") -> str:
+    """Rows of dicts as a GitHub markdown table (for ``IPython.display.Markdown``; no pandas needed).
+
+    ``columns`` picks and orders the columns (default: the keys of the first row); a row without
+    a column gets an empty cell. Ints are written with ``,`` thousands separators, floats with
+    ``floatfmt`` (a :func:`format` spec), anything else with ``str``. No rows give ``""``.
+    """
+    if not rows:
+        return ""
+    cols = list(columns) if columns is not None else list(rows[0])
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r[c], floatfmt) if c in r else "" for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def versions() -> dict[str, str]:

@@ -254,8 +254,3 @@ def test_bytes_by_type_equals_the_tensor_bytes_gguf_py_reads(tiny):
             real[t.tensor_type.name] = real.get(t.tensor_type.name, 0) + int(t.n_bytes)
         assert {k: v["bytes"] for k, v in by.items() if k != "all"} == real, variant
         assert by["all"]["bytes"] == sum(real.values())
-
-
-def test_markdown_table_layout():
-    s = Q.markdown_table([{"a": 1, "b": 0.123456}, {"a": 2, "b": 3.0}], floatfmt=".3g")
-    assert s.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| 2 | 3 |"]
