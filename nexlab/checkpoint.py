@@ -11,7 +11,10 @@ one layer's experts, not the model.
 Tensor names are canonicalised to the ``model.layers.N...`` / ``lm_head.weight`` form used by
 ``Qwen3_5MoeForCausalLM``: published checkpoints may prefix keys with ``model.language_model.``
 or ``language_model.model.`` (the multimodal wrapper); vision-tower (``visual``) and MTP
-(``mtp.``) tensors are not part of the text model and are set aside.
+(``mtp.``) tensors are not part of the text model and are set aside. Every stored tensor, set
+aside or not, stays reachable under its key as written (:attr:`Checkpoint.stored`,
+:meth:`Checkpoint.load_stored`): this module is the workbook's one safetensors reader
+(``nexlab.models.read_tensors`` / ``checkpoint_index`` / ``tensor_table`` go through it).
 
 :func:`validate_checkpoint` checks everything a converter relies on before one byte is written,
 and names the tensor at fault: dtypes and shapes of ``weight`` / ``weight_scale`` /
@@ -47,9 +50,14 @@ _FLOAT_DTYPES = ("F32", "BF16", "F16")
 def _torch_dtypes() -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
-    return {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-            "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-            "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    out = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+           "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    # newer torch only (safetensors maps them the same way when torch has them)
+    for st, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
+        if hasattr(torch, attr):
+            out[st] = getattr(torch, attr)
+    return out
 
 
 class _LazyDtypes(dict):
@@ -141,7 +149,11 @@ class Checkpoint:
 
     Attributes: ``path``, ``config`` (text hyper-parameters: ``text_config`` merged over the top
     level), ``raw_config``, ``quant`` (``{"quant_algo", "group_size", "exclude_modules", ...}`` or
-    None), ``entries`` (canonical name -> :class:`TensorEntry`), ``skipped`` (keys set aside).
+    None), ``entries`` (canonical name -> :class:`TensorEntry`), ``skipped`` (keys set aside),
+    ``stored`` (every key as written in the files, set-aside ones included -> :class:`TensorEntry`,
+    in shard order then header order).
+
+    Use it as a context manager (or call :meth:`close`) to close the shard files it opened.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -156,6 +168,7 @@ class Checkpoint:
         self.quant = self._read_quant()
         self.entries: dict[str, TensorEntry] = {}
         self.skipped: list[str] = []
+        self.stored: dict[str, TensorEntry] = {}
         self._handles: dict[Path, Any] = {}
         self._index()
 
@@ -202,17 +215,21 @@ class Checkpoint:
             for key, v in header.items():
                 if key == "__metadata__":
                     continue
+                if key in seen:
+                    raise ValueError(f"tensor {key!r} is stored twice ({self.stored[key].shard.name} and {shard})")
                 seen.add(key)
                 if weight_map and weight_map.get(key) != shard:
                     raise ValueError(f"tensor {key!r} found in {shard} but the index puts it in {weight_map.get(key)}")
                 name = canonical_name(key)
+                entry = TensorEntry(name if name is not None else key, key, sp, v["dtype"], tuple(v["shape"]),
+                                    tuple(v["data_offsets"]), data_start)
+                self.stored[key] = entry
                 if name is None:
                     self.skipped.append(key)
                     continue
                 if name in self.entries:
                     raise ValueError(f"tensor {name!r} appears twice ({self.entries[name].key!r} and {key!r})")
-                self.entries[name] = TensorEntry(name, key, sp, v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"]),
-                                                 data_start)
+                self.entries[name] = entry
         if weight_map:
             missing = sorted(set(weight_map) - seen)
             if missing:
@@ -229,16 +246,26 @@ class Checkpoint:
             raise ValueError(f"tensor {name!r} is missing from checkpoint {self.path}") from None
 
     def load(self, name: str):
-        """Return one tensor as a torch tensor (CPU, stored dtype), read with one positioned read.
+        """Return one tensor, by canonical name, as a torch tensor (CPU, stored dtype), read with one
+        positioned read.
 
         Plain reads rather than a memory map: mapped pages a conversion has touched stay in the
         process's resident set until the map closes (for a whole model: the whole checkpoint),
         while a read buffer is freed as soon as the tensor is. Byte ranges come from the
         safetensors header, validated when the checkpoint was opened.
         """
+        return self._read(self.info(name))
+
+    def load_stored(self, key: str):
+        """Like :meth:`load`, by the key as written in the file (set-aside vision / MTP tensors too)."""
+        e = self.stored.get(key)
+        if e is None:
+            raise ValueError(f"tensor {key!r} is not stored in checkpoint {self.path}")
+        return self._read(e)
+
+    def _read(self, e: TensorEntry):
         import torch  # noqa: PLC0415
 
-        e = self.info(name)
         f = self._handles.get(e.shard)
         if f is None:
             f = open(e.shard, "rb")  # noqa: SIM115 - closed in close()
@@ -254,7 +281,7 @@ class Checkpoint:
                 raise ValueError(f"{e.shard.name}: tensor {e.key!r} truncated ({got} of {n} bytes)")
         dtype = _TORCH_DTYPES.get(e.dtype)
         if dtype is None:
-            raise TypeError(f"tensor {name!r}: unsupported safetensors dtype {e.dtype}")
+            raise TypeError(f"tensor {e.key!r}: unsupported safetensors dtype {e.dtype}")
         if n == 0:
             return torch.empty(e.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)

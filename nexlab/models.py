@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .checkpoint import read_safetensors_header
+from .checkpoint import Checkpoint
 from .fileio import atomic_directory, atomic_write_text
 from .config import parameter_counts, slice_config, tiny_config, to_transformers, validate_config
 
@@ -105,53 +105,40 @@ def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
 
 
 def checkpoint_index(ckpt_dir: str | os.PathLike) -> dict[str, str]:
-    """``tensor name -> shard file`` from ``model.safetensors.index.json`` (or a single file)."""
-    d = Path(ckpt_dir)
-    idx = d / "model.safetensors.index.json"
-    if idx.is_file():
-        return dict(json.loads(idx.read_text())["weight_map"])
-    single = d / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open  # noqa: PLC0415
+    """``tensor key -> shard file name`` of a checkpoint folder (sharded or one ``model.safetensors``).
 
-        with safe_open(str(single), "pt") as f:
-            return {k: single.name for k in f.keys()}
-    raise FileNotFoundError(f"no model.safetensors.index.json or model.safetensors in {d}")
+    Keys are as stored (``model.language_model.``, ``model.visual.`` ... included). Read through
+    :class:`nexlab.checkpoint.Checkpoint`, the workbook's one safetensors reader, so the index file
+    is checked against the shards' headers and a truncated or missing shard is refused by name.
+    """
+    with Checkpoint(ckpt_dir) as ck:
+        return {k: e.shard.name for k, e in ck.stored.items()}
 
 
 def read_tensors(ckpt_dir: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, Any]:
-    """Load tensors (torch, on CPU, stored dtype) of a checkpoint folder; all when ``names`` is None."""
-    from safetensors import safe_open  # noqa: PLC0415
+    """Load tensors (torch, on CPU, stored dtype) of a checkpoint folder by stored key; all when ``names`` is None.
 
+    Reads through :meth:`nexlab.checkpoint.Checkpoint.load_stored` (one positioned read per tensor).
+    Raises KeyError listing (up to five) keys that are not in the checkpoint.
+    """
     d = Path(ckpt_dir)
-    wm = checkpoint_index(d)
-    wanted = list(wm) if names is None else list(names)
-    missing = [n for n in wanted if n not in wm]
-    if missing:
-        raise KeyError(f"tensor(s) not in checkpoint {d}: {missing[:5]}")
-    by_file: dict[str, list[str]] = {}
-    for n in wanted:
-        by_file.setdefault(wm[n], []).append(n)
-    out = {}
-    for fname, keys in by_file.items():
-        with safe_open(str(d / fname), "pt") as f:
-            for k in keys:
-                out[k] = f.get_tensor(k)
-    return out
+    with Checkpoint(d) as ck:
+        wanted = list(ck.stored) if names is None else list(names)
+        missing = [n for n in wanted if n not in ck.stored]
+        if missing:
+            raise KeyError(f"tensor(s) not in checkpoint {d}: {missing[:5]}")
+        return {k: ck.load_stored(k) for k in wanted}
 
 
 def tensor_table(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """One row per stored tensor: name, dtype (safetensors name), shape, bytes, shard (from headers only)."""
-    d = Path(ckpt_dir)
-    wm = checkpoint_index(d)
-    rows = []
-    for fname in sorted(set(wm.values())):
-        header = read_safetensors_header(d / fname)  # also refuses truncated shards, naming them
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            a, b = info["data_offsets"]
-            rows.append({"name": name, "dtype": info["dtype"], "shape": list(info["shape"]), "bytes": b - a, "shard": fname})
+    """One row per stored tensor: name (key as stored), dtype (safetensors name), shape, bytes, shard.
+
+    From the safetensors headers only (:class:`nexlab.checkpoint.Checkpoint`, which also refuses
+    truncated shards, naming them); nothing is loaded.
+    """
+    with Checkpoint(ckpt_dir) as ck:
+        rows = [{"name": k, "dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "shard": e.shard.name}
+                for k, e in ck.stored.items()]
     return sorted(rows, key=lambda r: r["name"])
 
 

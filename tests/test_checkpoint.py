@@ -72,6 +72,30 @@ def test_sharded_checkpoint_index_matches_headers(tiny):  # noqa: F811
     assert rep.problems == [] and rep.nvfp4_modules
 
 
+def test_every_stored_tensor_reads_bit_exact_like_safetensors_set_aside_ones_included(tiny):  # noqa: F811
+    """Checkpoint is the workbook's one safetensors reader: ``stored`` lists every key where the index
+    puts it, and ``load_stored`` / ``load`` give what safetensors' own load_file gives, byte for byte."""
+    d = tiny["nvfp4"]
+    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    with Checkpoint(d) as ck:
+        assert {k: e.shard.name for k, e in ck.stored.items()} == wm
+        assert set(ck.skipped) < set(ck.stored) and ck.skipped
+        assert all(ck.stored[e.key] is e for e in ck.entries.values())
+        n = 0
+        for shard in sorted(set(wm.values())):
+            for key, want in load_file(str(d / shard)).items():
+                got = ck.load_stored(key)
+                assert got.dtype == want.dtype and got.shape == want.shape, key
+                assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), key
+                name = canonical_name(key)
+                if name is not None:
+                    assert torch.equal(ck.load(name).reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8))
+                n += 1
+        assert n == len(wm)
+        with pytest.raises(ValueError, match="'nope' is not stored"):
+            ck.load_stored("nope")
+
+
 @pytest.mark.parametrize("kind", ["bf16", "nvfp4", "nvfp4_all"])
 def test_tiny_checkpoints_validate(tiny, kind):  # noqa: F811
     assert validate_checkpoint(Checkpoint(tiny[kind])).problems == []

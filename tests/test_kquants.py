@@ -268,26 +268,22 @@ def test_bad_type_and_dtype_raise():
 
 
 def _real_weight_matrices(limit: int = 6):
-    """A few 2-D weights of a trained checkpoint in build/artifacts (float32), if one is there."""
-    import glob
+    """A few 2-D weights of a trained checkpoint in build/artifacts (float32), if one is there.
+
+    Chosen from the safetensors headers (nexlab.checkpoint.Checkpoint) before anything is read."""
     import os
 
     root = os.environ.get("NEXLAB_ARTIFACTS", os.path.join(os.path.dirname(__file__), "..", "build", "artifacts"))
-    files = sorted(glob.glob(os.path.join(root, "tiny", "bf16", "*.safetensors")))
-    if not files:
+    ckpt = os.path.join(root, "tiny", "bf16")
+    if not os.path.isfile(os.path.join(ckpt, "config.json")):
         return []
     torch = pytest.importorskip("torch")
-    from safetensors import safe_open
+    from nexlab.checkpoint import Checkpoint
 
-    out = []
-    with safe_open(files[0], framework="pt") as f:
-        for k in sorted(f.keys()):
-            t = f.get_tensor(k)
-            if t.ndim == 2 and t.shape[-1] % 256 == 0 and t.shape[0] > 1:
-                out.append((k, t.to(torch.float32).numpy()))
-            if len(out) >= limit:
-                break
-    return out
+    with Checkpoint(ckpt) as ck:
+        keys = [k for k, e in sorted(ck.stored.items())
+                if len(e.shape) == 2 and e.shape[0] > 1 and e.shape[1] % 256 == 0]
+        return [(k, ck.load_stored(k).to(torch.float32).numpy()) for k in keys[:limit]]
 
 
 def test_bytes_equal_ggml_on_real_checkpoint_weights():

@@ -138,6 +138,38 @@ def test_checkpoint_is_laid_out_as_published(tiny, variant):
         assert cfg["quantization_config"]["quant_method"] == "modelopt"
 
 
+def test_checkpoint_index_and_read_tensors_go_by_stored_key(tiny, tmp_path):
+    """models.checkpoint_index / read_tensors (through nexlab.checkpoint) keep the stored keys, the
+    multimodal prefix and the vision tower included, for a sharded folder and for one model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    d = tiny["nvfp4"]
+    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    assert M.checkpoint_index(d) == wm
+    expert = "model.language_model.layers.0.mlp.experts.0.up_proj."
+    keys = [next(k for k in sorted(wm) if k.startswith("model.visual.")), "lm_head.weight",
+            expert + "weight", expert + "weight_scale", expert + "weight_scale_2"]
+    got = M.read_tensors(d, keys)
+    assert list(got) == keys
+
+    def raw(t):
+        return t.reshape(-1).view(torch.uint8)  # float8 has no ==; compare bytes
+
+    for k in keys:
+        want = load_file(str(d / wm[k]))[k]
+        assert got[k].dtype == want.dtype and torch.equal(raw(got[k]), raw(want)), k
+    with pytest.raises(KeyError, match="not_a_tensor"):
+        M.read_tensors(d, [keys[0], "not_a_tensor"])
+
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "config.json").write_text((d / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in got.items()}, str(single / "model.safetensors"))
+    assert M.checkpoint_index(single) == dict.fromkeys(keys, "model.safetensors")
+    again = M.read_tensors(single)
+    assert set(again) == set(keys) and all(torch.equal(raw(again[k]), raw(got[k])) for k in keys)
+
+
 def _quantized_modules(d: Path) -> set[str]:
     return {r["name"][: -len(".weight_scale")] for r in M.tensor_table(d) if r["name"].endswith(".weight_scale")}
 
