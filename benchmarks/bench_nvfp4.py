@@ -5,7 +5,8 @@ Both sides run on one thread over the same Gaussian float32 tensor: nexlab's vec
 numpy (``quantize_nvfp4_ggml`` / ``dequantize_nvfp4_ggml``) and libggml-base's
 ``quantize_row_nvfp4_ref`` / ``dequantize_row_nvfp4`` through ctypes. Each is run once to
 warm up and check that the outputs are identical, then ``--repeat`` times; the median
-time is reported as Melem/s, with the ratio nexlab / ggml (above 1: nexlab faster).
+time is reported as Melem/s, with the time ratio nexlab / ggml (the workbook's convention, see
+the README: below 1 means nexlab is faster).
 
     python benchmarks/bench_nvfp4.py --rows 512 --cols 4096 --repeat 5 --json build/bench_nvfp4.json
 
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"NVFP4, {res['rows']} x {res['cols']} = {res['elements']:,} values, median of {res['repeat']}, 1 thread")
-    print(f"{'':12s}{'nexlab':>12s}{'ggml C':>12s}{'ratio':>8s}   (Melem/s; ratio = nexlab / ggml)")
+    print(f"{'':12s}{'nexlab':>12s}{'ggml C':>12s}{'time ratio':>12s}"
+          "   (Melem/s; time ratio = nexlab / ggml, below 1: nexlab faster)")
     for op in ("quantize", "dequantize"):
         nx, gg = res[f"nexlab_{op}_melem_s"], res[f"ggml_{op}_melem_s"]
-        print(f"{op:12s}{nx:12.1f}{gg:12.1f}{res[f'{op}_ratio_nexlab_over_ggml']:8.2f}")
+        print(f"{op:12s}{nx:12.1f}{gg:12.1f}{res[f'{op}_time_ratio']:12.2f}")
     print(f"ModelOpt-semantics quantize (no C counterpart): {res['nexlab_modelopt_quantize_melem_s']:.1f} Melem/s")
     print(f"bytes identical: {res['quantize_bytes_identical']}, values identical: {res['dequantize_values_identical']}")
     if args.json is not None:

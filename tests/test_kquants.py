@@ -297,3 +297,12 @@ def test_bytes_equal_ggml_on_real_checkpoint_weights():
             assert_same_bytes(t, w)
         for t in ("Q4_K", "Q5_K", "Q6_K"):
             assert_same_bytes(t, w, im)
+
+
+def test_benchmark_ratio_is_nexlab_time_over_ggml_time():
+    """The workbook's one benchmark convention (README): time nexlab / time C, below 1 = nexlab faster."""
+    res = kq.benchmark_vs_ggml(shape=(4, 256), cases=(("Q8_0", False), ("Q4_K", True)), repeats=1)
+    assert sorted(res) == ["Q4_K+imatrix", "Q8_0"]
+    for case, v in res.items():
+        assert v["time_ratio"] == pytest.approx(v["nexlab_s"] / v["ggml_s"], rel=1e-12), case
+        assert [k for k in v if "ratio" in k] == ["time_ratio"] and v["bytes_equal"], case

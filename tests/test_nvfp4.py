@@ -427,3 +427,15 @@ def test_dequantizers_refuse_mismatched_shapes():
         N.dequantize_nvfp4_ggml(np.zeros(35, np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         N.dequantize_nvfp4_ggml(np.zeros(36, np.int8))
+
+
+# --------------------------------------------------------------------------- benchmark convention
+
+
+def test_benchmark_ratios_are_nexlab_time_over_ggml_time():
+    """The workbook's one benchmark convention (README): time nexlab / time reference, below 1 = nexlab faster."""
+    r = N.benchmark_vs_ggml(rows=4, cols=128, repeat=1)
+    assert r["quantize_time_ratio"] == pytest.approx(r["nexlab_quantize_s"] / r["ggml_quantize_s"], rel=1e-12)
+    assert r["dequantize_time_ratio"] == pytest.approx(r["nexlab_dequantize_s"] / r["ggml_dequantize_s"], rel=1e-12)
+    assert sorted(k for k in r if "ratio" in k) == ["dequantize_time_ratio", "quantize_time_ratio"]
+    assert r["quantize_bytes_identical"] and r["dequantize_values_identical"]
