@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nexlab import qwen35moe as Q
 from nexlab.fileio import atomic_output
 
 __all__ = [
@@ -235,13 +236,11 @@ def imatrix_for_tensor(weights: dict[str, np.ndarray] | None, name: str, ne0: in
 
 def _linear_attn_out_perm(config) -> np.ndarray | None:
     """Input-column permutation the converter applies to ``linear_attn.out_proj`` (value heads grouped ->
-    tiled, nexlab.convert.v_head_permutation), or None when key and value head counts are equal."""
-    from nexlab.convert import v_head_permutation  # noqa: PLC0415
-
-    n_k, n_v = int(config.linear_num_key_heads), int(config.linear_num_value_heads)
-    if n_k == n_v:
-        return None
-    return v_head_permutation(n_k, n_v // n_k, int(config.linear_value_head_dim))
+    tiled, :func:`nexlab.qwen35moe.ssm_out_column_permutation`), or None when key and value head counts
+    are equal."""
+    return Q.ssm_out_column_permutation(Q.LinearAttnDims(
+        int(config.linear_num_key_heads), int(config.linear_num_value_heads),
+        int(config.linear_key_head_dim), int(config.linear_value_head_dim)))
 
 
 def collect_imatrix(model, tokens, *, chunk_size: int = 512, n_chunks: int | None = None,
@@ -266,7 +265,6 @@ def collect_imatrix(model, tokens, *, chunk_size: int = 512, n_chunks: int | Non
     """
     import torch  # noqa: PLC0415
 
-    from nexlab.convert import gguf_name  # noqa: PLC0415
     from nexlab.progress import progress as bar  # noqa: PLC0415
 
     cfg = getattr(model, "config", None)
@@ -295,7 +293,7 @@ def collect_imatrix(model, tokens, *, chunk_size: int = 512, n_chunks: int | Non
         cls = type(mod).__name__
         if isinstance(mod, torch.nn.Linear):
             try:
-                gname = gguf_name(mname + ".weight")
+                gname = Q.gguf_name(mname + ".weight")
             except ValueError:
                 continue
             if not (gname.startswith("blk.") or (process_output and gname == "output.weight")):
@@ -306,7 +304,7 @@ def collect_imatrix(model, tokens, *, chunk_size: int = 512, n_chunks: int | Non
             else:
                 hooks.append(mod.register_forward_pre_hook(lambda m, a, g=gname: add(g, a[0])))
         elif cls.endswith("TopKRouter"):
-            gname = gguf_name(mname + ".weight")
+            gname = Q.gguf_name(mname + ".weight")
             hooks.append(mod.register_forward_pre_hook(lambda m, a, g=gname: add(g, a[0])))
         elif cls.endswith("Experts") and hasattr(mod, "gate_up_proj"):
             layer = int(mname.split(".")[2])
@@ -314,7 +312,7 @@ def collect_imatrix(model, tokens, *, chunk_size: int = 512, n_chunks: int | Non
             def experts_hook(m, a, layer=layer):
                 h, idx = a[0].detach(), a[1]
                 E = m.num_experts
-                names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
+                names = [Q.expert_gguf_name(layer, p) for p in Q.EXPERT_PROJS]
                 for e in range(E):
                     tok = (idx == e).nonzero()[:, 0]
                     if tok.numel() == 0:

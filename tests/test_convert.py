@@ -12,6 +12,7 @@ import torch
 from conftest_convert import converted, tiny  # noqa: F401  (fixtures)
 
 from nexlab import convert as cv
+from nexlab import qwen35moe as Q
 from nexlab.chat_template import fixed_template, original_template
 from nexlab.checkpoint import Checkpoint
 from nexlab.gguf_inspect import diff_gguf, inspect_gguf
@@ -62,7 +63,7 @@ def test_nvfp4_tensors_dequantize_to_modelopt_values(tiny, converted, kind):  # 
         for s in srcs:
             m = s[: -len(".weight")]
             w = dequantize_nvfp4_modelopt(ck.load(s), ck.load(m + ".weight_scale"), np.float32(1.0))
-            want.append(cv.transform_float(s, torch.from_numpy(np.asarray(w)), ck.config).numpy())
+            want.append(Q.transform_float(s, torch.from_numpy(np.asarray(w)), ck.config).numpy())
         want = np.stack(want) if len(srcs) > 1 else want[0]
         assert got.shape == want.shape, name
         assert np.array_equal(got, want), name
@@ -88,7 +89,7 @@ def test_bf16_rounding_matches_gguf_py():
 
 
 def test_v_head_permutation_tiles_value_heads():
-    p = cv.v_head_permutation(n_k=2, per_k=3, head_dim=2)
+    p = Q.v_head_permutation(n_k=2, per_k=3, head_dim=2)
     # grouped [G0v0 G0v1 G0v2 G1v0 G1v1 G1v2] -> tiled [G0v0 G1v0 G0v1 G1v1 G0v2 G1v2]
     assert p.tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
 
@@ -104,9 +105,9 @@ def test_nvfp4_reorder_commutes_with_dequantization():
                           ("in_proj_a", (6, 128)), ("out_proj", (64, 192))):
         name = f"model.layers.0.linear_attn.{suffix}.weight"
         w, s, s2 = quantize_nvfp4_modelopt(rng.standard_normal(shape).astype(np.float32))
-        w2, sc2 = cv.transform_nvfp4(name, torch.from_numpy(w), torch.from_numpy(s).view(torch.float8_e4m3fn), cfg)
+        w2, sc2 = Q.transform_nvfp4(name, torch.from_numpy(w), torch.from_numpy(s).view(torch.float8_e4m3fn), cfg)
         got = dequantize_nvfp4_modelopt(w2.numpy(), sc2, s2)
-        want = cv.transform_float(name, torch.from_numpy(dequantize_nvfp4_modelopt(w, s, s2)), cfg).numpy()
+        want = Q.transform_float(name, torch.from_numpy(dequantize_nvfp4_modelopt(w, s, s2)), cfg).numpy()
         assert np.array_equal(got, want), suffix
         assert not np.array_equal(got, dequantize_nvfp4_modelopt(w, s, s2)), suffix  # it did move something
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import gguf
 from nexlab import imatrix as IM
@@ -156,7 +157,6 @@ def test_writer_refuses_non_finite(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch = pytest.importorskip("torch")
     from transformers import Qwen3_5MoeForCausalLM
 
     from nexlab import config as C
@@ -168,8 +168,7 @@ def tiny_model():
 
 
 def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
-    torch = pytest.importorskip("torch")
-    from nexlab.convert import v_head_permutation
+    from nexlab.qwen35moe import v_head_permutation
 
     model = tiny_model
     cfg = model.config

@@ -21,22 +21,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import gguf
+import llama_cpp
 import numpy as np
 import pytest
 
 from nexlab import llamacpp as LL
 from nexlab import memory as M
+from nexlab import qwen35moe as Q
+from nexlab.convert import write_shape_gguf
+from nexlab.gguf_layout import file_nbytes, header_nbytes
+from nexlab.vision import mmproj_size
 from nexlab.config import slice_config, tiny_config
 
 QT = gguf.GGMLQuantizationType
-
-try:
-    import llama_cpp  # noqa: F401
-    HAVE_LLAMA = True
-except Exception:  # noqa: BLE001 - a missing or broken build both mean: skip the llama.cpp checks
-    HAVE_LLAMA = False
-
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python not importable")
 
 CACHE_TYPES = ["f16", "bf16", "q8_0", "q4_0"]
 
@@ -46,28 +43,28 @@ CACHE_TYPES = ["f16", "bf16", "q8_0", "q4_0"]
 
 @pytest.fixture(scope="module")
 def tiny():
-    return M.model_from_hf_config(tiny_config(), name="tiny")
+    return Q.hparams_from_hf_config(tiny_config(), name="tiny")
 
 
 @pytest.fixture(scope="module")
 def slice_model():
     # real per-layer shapes (one period: 3 linear + 1 full attention); 8 experts and a 1024 vocab
     # keep the file small -- neither enters the KV cache or the recurrent state
-    m = M.model_from_hf_config(slice_config(vocab_size=1024), name="slice")
+    m = Q.hparams_from_hf_config(slice_config(vocab_size=1024), name="slice")
     return replace(m, n_expert=8)
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, tiny):
     p = tmp_path_factory.mktemp("mem") / "tiny-bf16.gguf"
-    specs = M.write_shape_gguf(p, tiny, "bf16")
+    specs = write_shape_gguf(p, tiny, "bf16")
     return p, specs
 
 
 @pytest.fixture(scope="module")
 def slice_gguf(tmp_path_factory, slice_model):
     p = tmp_path_factory.mktemp("mem") / "slice-q4_k_m.gguf"
-    specs = M.write_shape_gguf(p, slice_model, "q4_k_m")
+    specs = write_shape_gguf(p, slice_model, "q4_k_m")
     return p, specs
 
 
@@ -75,11 +72,9 @@ def slice_gguf(tmp_path_factory, slice_model):
 
 
 def _libggml():
-    import llama_cpp  # noqa: PLC0415
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     cands = sorted(lib_dir.glob("libggml-base.*"))
-    if not cands:
-        pytest.skip("libggml-base not found next to llama_cpp")
+    assert cands, f"libggml-base not found in {lib_dir} (llama-cpp-python {LL.LLAMA_CPP_PYTHON_VERSION} ships it)"
     lib = ctypes.CDLL(str(cands[0]))
 
     class InitParams(ctypes.Structure):
@@ -126,32 +121,29 @@ def test_tensor_nbytes_rejects_partial_block():
 
 
 def test_header_bytes_equal_gguf_writer(tmp_path):
-    """gguf_header_nbytes reproduces gguf-py's encoding (strings, arrays of strings/ints/bools, scalars)."""
+    """gguf_layout sizes a writer exactly as gguf-py writes it (strings, arrays of strings/ints/bools,
+    scalars, tensor infos, alignment padding): header == GGUFReader's data offset, total == file size."""
     p = tmp_path / "h.gguf"
-    w = gguf.GGUFWriter(str(p), "qwen35moe")
     md = [("general.name", "héllo wörld", gguf.GGUFValueType.STRING, None),
           ("x.u32", 7, gguf.GGUFValueType.UINT32, None), ("x.f32", 1.5, gguf.GGUFValueType.FLOAT32, None),
           ("x.bool", True, gguf.GGUFValueType.BOOL, None), ("x.u64", 9, gguf.GGUFValueType.UINT64, None),
           ("x.arr_i32", [1, 2, 3], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
           ("x.arr_bool", [True, False, True], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL),
           ("x.arr_str", ["a", "bcd", "€"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)]
-    for k, v, t, st in md:
-        if t == gguf.GGUFValueType.ARRAY:
+    tensors = [Q.TensorSpec("a.weight", (3, 64), QT.F32), Q.TensorSpec("bb.weight", (5,), QT.F32),
+               Q.TensorSpec("c", (2, 2, 32), QT.F32)]
+
+    def add_metadata(w):
+        for k, v, t, st in md:
             w.add_key_value(k, v, t, sub_type=st)
-        else:
-            w.add_key_value(k, v, t)
-    tensors = [("a.weight", (3, 64)), ("bb.weight", (5,)), ("c", (2, 2, 32))]
-    for name, shape in tensors:
-        w.add_tensor(name, np.zeros(shape, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    arch = [("general.architecture", "qwen35moe", gguf.GGUFValueType.STRING, None)]
-    header = M.gguf_header_nbytes(arch + md, [(n, len(s)) for n, s in tensors])
-    assert header == gguf.GGUFReader(str(p)).data_offset
-    specs = [M.TensorSpec(n, tuple(reversed(s)), QT.F32) for n, s in tensors]
-    assert M.gguf_file_size(specs, header) == os.path.getsize(p)
+
+    from nexlab.convert import PlannedTensor, write_gguf
+    from nexlab.gguf_layout import make_writer
+    write_gguf(p, "qwen35moe", add_metadata, [PlannedTensor(t, lambda t=t: np.zeros(t.shape, np.float32))
+                                             for t in tensors], show_progress=False)
+    w = make_writer("qwen35moe", add_metadata, tensors)
+    assert header_nbytes(w) == gguf.GGUFReader(str(p)).data_offset
+    assert file_nbytes(w) == os.path.getsize(p)
 
 
 def test_shape_gguf_size_equals_prediction(tiny_gguf):
@@ -171,7 +163,7 @@ def test_ctx_layout_padding_and_streams():
 
 
 def test_hybrid_kv_is_a_quarter_of_full_attention():
-    m = M.nex_n2_mini()
+    m = Q.nex_n2_mini()
     hyb = M.kv_cache_size(m, 262144).bytes
     full = M.kv_cache_size(m.with_full_attention(), 262144).bytes
     assert hyb * 4 == full
@@ -206,7 +198,7 @@ def test_quantized_v_without_flash_attention_raises(tiny):
 
 def test_unsupported_architecture_raises(tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture"):
-        M.model_from_hf_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64})
+        Q.hparams_from_hf_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64})
     p = tmp_path / "llama.gguf"
     w = gguf.GGUFWriter(str(p), "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
@@ -215,7 +207,7 @@ def test_unsupported_architecture_raises(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ValueError, match="unsupported architecture 'llama'"):
-        M.model_from_gguf(p)
+        Q.hparams_from_gguf(p)
 
 
 def test_context_above_training_warns_and_still_sizes(tiny):
@@ -227,14 +219,14 @@ def test_context_above_training_warns_and_still_sizes(tiny):
 def test_nested_text_config_equals_flat_text_config():
     cfg = tiny_config()
     flat = {**cfg["text_config"], "architectures": ["Qwen3_5MoeForCausalLM"]}
-    a = M.model_from_hf_config(cfg)
-    b = M.model_from_hf_config(flat)
+    a = Q.hparams_from_hf_config(cfg)
+    b = Q.hparams_from_hf_config(flat)
     assert replace(a, vision=None) == replace(b, vision=None)
 
 
 def test_mmproj_size_near_model_card():
     """903 MB per the Nex-N2-mini model card (F16 mmproj); the tensor arithmetic must be within 1 %."""
-    b = M.mmproj_size(M.nex_n2_mini().vision, "f16")
+    b = mmproj_size(Q.nex_n2_mini().vision, "f16")
     assert abs(b - 903e6) / 903e6 < 0.01
 
 
@@ -266,7 +258,7 @@ def test_cli_errors_are_clear(capsys):
 # ------------------------------------------------------------------ llama.cpp as the oracle
 
 
-def _check_against_llama(probe, model: M.HybridModel, n_ctx, tk, tv, n_seq, kv_unified=False, flash_attn=True):
+def _check_against_llama(probe, model: Q.HParams, n_ctx, tk, tv, n_seq, kv_unified=False, flash_attn=True):
     got = probe.allocate(n_ctx, tk, tv, n_seq, kv_unified=kv_unified, flash_attn=flash_attn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -295,27 +287,21 @@ def _check_against_llama(probe, model: M.HybridModel, n_ctx, tk, tv, n_seq, kv_u
 
 @pytest.fixture(scope="module")
 def tiny_probe(tiny_gguf):
-    if not HAVE_LLAMA:
-        pytest.skip("llama-cpp-python not importable")
     with LL.LlamaCppProbe(tiny_gguf[0]) as probe:
         yield probe
 
 
 @pytest.fixture(scope="module")
 def slice_probe(slice_gguf):
-    if not HAVE_LLAMA:
-        pytest.skip("llama-cpp-python not importable")
     with LL.LlamaCppProbe(slice_gguf[0]) as probe:
         yield probe
 
 
-@needs_llama
 def test_weights_bytes_equal_llama_model_size(tiny_probe, tiny_gguf, slice_probe, slice_gguf):
     assert tiny_probe.model_size() == M.weights_bytes(tiny_gguf[1])
     assert slice_probe.model_size() == M.weights_bytes(slice_gguf[1])
 
 
-@needs_llama
 @pytest.mark.parametrize("n_seq", [1, 4])
 @pytest.mark.parametrize("cache", CACHE_TYPES)
 @pytest.mark.parametrize("n_ctx", [100, 4097, 100000, 262144])
@@ -323,13 +309,11 @@ def test_tiny_cache_bytes_equal_llama_cpp(tiny_probe, tiny, n_ctx, cache, n_seq)
     _check_against_llama(tiny_probe, tiny, n_ctx, cache, cache, n_seq)
 
 
-@needs_llama
 def test_one_token_context_is_padded_like_llama_cpp(tiny_probe, tiny):
     # (llama.cpp aborts for n_ctx < n_seq_max: n_batch is clamped to the unpadded n_ctx first)
     _check_against_llama(tiny_probe, tiny, 1, "f16", "f16", 1)
 
 
-@needs_llama
 @pytest.mark.parametrize("tk,tv,n_seq,unified,fa", [
     ("q8_0", "f16", 4, False, True), ("f16", "q4_0", 1, False, True), ("bf16", "q8_0", 3, False, True),
     ("f16", "f16", 4, True, True), ("f16", "f16", 2, False, False), ("q4_0", "bf16", 4, True, False),
@@ -338,7 +322,6 @@ def test_tiny_mixed_cache_types_streams_and_v_transposed(tiny_probe, tiny, tk, t
     _check_against_llama(tiny_probe, tiny, 5000, tk, tv, n_seq, kv_unified=unified, flash_attn=fa)
 
 
-@needs_llama
 @pytest.mark.parametrize("n_seq", [1, 4])
 @pytest.mark.parametrize("cache", CACHE_TYPES)
 @pytest.mark.parametrize("n_ctx", [4096, 262144])
@@ -347,11 +330,9 @@ def test_slice_cache_bytes_equal_llama_cpp(slice_probe, slice_model, n_ctx, cach
     _check_against_llama(slice_probe, slice_model, n_ctx, cache, cache, n_seq)
 
 
-@needs_llama
 @pytest.mark.parametrize("variant,ftype", [("q8_0", 7), ("q4_k_m", 15)])
 def test_predicted_gguf_size_equals_llama_quantize_output(tmp_path, tiny_gguf, variant, ftype):
     """llama.cpp's llama_model_quantize (NVFP4 kept by a tensor-type override) writes exactly the predicted size."""
-    import llama_cpp  # noqa: PLC0415
     src, _ = tiny_gguf
     out = tmp_path / f"tiny-{variant}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
@@ -369,10 +350,9 @@ def test_predicted_gguf_size_equals_llama_quantize_output(tmp_path, tiny_gguf, v
     written = {t.name: QT(int(t.tensor_type)) for t in gguf.GGUFReader(str(out)).tensors}
     assert {s.name: s.qtype for s in pred["specs"]} == written
     assert pred["file_bytes"] == os.path.getsize(out)
-    # memory's own fallback rule (used when nexlab.quantize is absent) agrees too
-    model = M.model_from_gguf(src)
-    local = M.retype_tensor_specs(M.gguf_tensor_specs(model), variant, model.n_layer, model.n_expert, use_external=False)
-    assert {s.name: s.qtype for s in local} == written
+    # the plan from the hyper-parameters alone (qwen35moe.tensor_plan) agrees too
+    model = Q.hparams_from_gguf(src)
+    assert {s.name: s.qtype for s in Q.tensor_plan(model, variant)} == written
 
 
 @pytest.mark.slow
