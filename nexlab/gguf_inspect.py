@@ -19,19 +19,9 @@ _LONG_ARRAY = 16  # arrays longer than this are summarised in the text view
 
 
 def _field_value(field) -> Any:
-    """Plain Python value of a GGUFReader field (strings decoded, arrays as lists)."""
-    from gguf import GGUFValueType  # noqa: PLC0415
-
-    t = field.types[0] if field.types else None
-    if t == GGUFValueType.ARRAY:
-        sub = field.types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if t == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    v = field.parts[field.data[0]].tolist()
-    return v[0] if isinstance(v, list) and len(v) == 1 else v
+    """Plain Python value of a GGUFReader field (gguf-py's ``ReaderField.contents()``: strings
+    decoded, arrays as lists)."""
+    return field.contents()
 
 
 def inspect_gguf(path: str | Path) -> dict[str, Any]:

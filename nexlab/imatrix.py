@@ -155,9 +155,9 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
     missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in fields]
     if missing:
         raise ValueError(f"{path}: missing imatrix metadata {missing} (llama-quantize refuses such a file)")
-    datasets = [bytes(fields[KEY_DATASETS].parts[i]).decode("utf-8") for i in fields[KEY_DATASETS].data]
-    chunk_count = int(fields[KEY_CHUNK_COUNT].parts[-1][0])
-    chunk_size = int(fields[KEY_CHUNK_SIZE].parts[-1][0])
+    datasets = list(fields[KEY_DATASETS].contents())
+    chunk_count = int(fields[KEY_CHUNK_COUNT].contents())
+    chunk_size = int(fields[KEY_CHUNK_SIZE].contents())
 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import formats, nvfp4
+from .checkpoint import Checkpoint
 
 
 def load_example_weight(artifacts_dir: str | Path, seed: int = 0, max_rows: int = 1024) -> tuple[np.ndarray, str]:
@@ -24,18 +25,16 @@ def load_example_weight(artifacts_dir: str | Path, seed: int = 0, max_rows: int 
     weight stands in, which is heavy-tailed as trained weights are. Returns
     ``(float32 [rows, in], name)``.
     """
-    from safetensors import safe_open  # noqa: PLC0415
-
     ckpt = Path(artifacts_dir) / "tiny" / "bf16"
-    for shard in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in sorted(f.keys()):
+    if (ckpt / "config.json").is_file():
+        with Checkpoint(ckpt) as ck:
+            for key in sorted(ck.entries):
                 if key.endswith("mlp.experts.gate_up_proj"):
-                    t = f.get_slice(key)[0]  # expert 0: [2I, H], gate rows first
+                    t = ck.load(key)[0]  # expert 0: [2I, H], gate rows first
                     w = t[: t.shape[0] // 2].float().numpy()
                     return np.ascontiguousarray(w[:max_rows]), f"{key}[0, :I] (gate of expert 0)"
                 if ".mlp.experts.0.gate_proj.weight" in key:
-                    return np.ascontiguousarray(f.get_tensor(key).float().numpy()[:max_rows]), key
+                    return np.ascontiguousarray(ck.load(key).float().numpy()[:max_rows]), key
     rng = np.random.default_rng(seed)
     w = (rng.standard_t(3, size=(512, 1024)) * 0.02).astype(np.float32)
     return w, "generated Student-t(3) weight [512, 1024] (run notebook 00 for a real one)"

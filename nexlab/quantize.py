@@ -55,7 +55,6 @@ __all__ = [
     "tensor_category",
     "llama_tensor_order",
     "choose_type",
-    "choose_gguf_type",
     "TensorPlan",
     "plan_types",
     "nvfp4_override_patterns",
@@ -177,7 +176,7 @@ def choose_type(
     them). ``has_output=False`` means tied embeddings (token_embd then follows output.weight's rule).
     NVFP4 tensors stay NVFP4 when ``keep_nvfp4`` (llama.cpp needs ``--tensor-type ...=nvfp4`` for that).
     ``n_layer`` (the model's block count) is required for q4_k_m's layer rules. Returns a type name such
-    as ``"Q4_K"`` (``gguf.GGMLQuantizationType[name]`` gives the enum; see :func:`choose_gguf_type`).
+    as ``"Q4_K"`` (``gguf.GGMLQuantizationType[name]`` gives the enum).
     """
     v = variant.lower().replace("-", "_")
     if v not in VARIANTS:
@@ -225,13 +224,6 @@ def choose_type(
         if n_expert == 8 and v == "q4_k_m":
             new = "Q5_K"
     return _fallback(name, new, ne0, log)
-
-
-def choose_gguf_type(*args, **kwargs):
-    """:func:`choose_type` as a ``gguf.GGMLQuantizationType`` member (for gguf-py writers)."""
-    import gguf  # noqa: PLC0415
-
-    return gguf.GGMLQuantizationType[choose_type(*args, **kwargs)]
 
 
 @dataclass
