@@ -1,6 +1,8 @@
 # nexlab: `make workbook` runs every notebook on the embedded default model,
 # `make test` runs the unit tests and every notebook in smoke mode.
-# Both create .venv and install nexlab (with llama-cpp-python, built from source) when needed.
+# Both create .venv and install nexlab (with llama-cpp-python, built from source) when needed;
+# `nexlab setup` then fetches llama.cpp's source (the tree llama-cpp-python vendors: its converter)
+# and builds its tools (llama-bench, llama-server, ...) into ~/.cache/nexlab, shared by every clone.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,11 +14,12 @@ export NEXLAB_NO_PROGRESS ?= 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/nexlab setup
 	touch $(STAMP)
 
 workbook: $(STAMP)

@@ -19,6 +19,7 @@ _SUBCOMMAND_MODULES = (
     "nexlab.gguf_inspect",  # nexlab inspect
     "nexlab.imatrix",       # nexlab imatrix
     "nexlab.memory",        # nexlab memory
+    "nexlab.llamacpp",      # nexlab setup
 )
 
 

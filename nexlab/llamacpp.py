@@ -1,63 +1,256 @@
-"""llama.cpp's own converter (convert_hf_to_gguf.py) as a reference, and the conversion benchmark.
+"""llama.cpp itself, from one tree: its converter as a reference, its tools, its server, its runtime.
 
-The converter is the one in the llama-cpp-python 0.3.36 sdist, run by the wrapper script
-``llamacpp-convert CKPT_DIR OUT.gguf`` (BF16 outtype, no MTP, self-made BPE tokenizers accepted),
-found through ``$NEXLAB_REFERENCE_CONVERT`` or at ``../shared/tools/llamacpp-convert`` beside
-the repository. Tests that compare against it skip, saying why, where it is absent.
+Everything here comes from the llama.cpp tree that llama-cpp-python 0.3.36 vendors and runs
+(``vendor/llama.cpp`` in its sdist), so the reference converter, the command-line tools and the
+Python bindings agree on every format detail.
 
-``benchmark_conversion`` converts one checkpoint with nexlab and with the reference in one
-run, each as a child process: wall time from ``time.perf_counter``, peak resident memory from
-GNU ``/usr/bin/time -f %M`` (the wrapper ``exec``s python, so the measured process is the
-converter itself). ``benchmarks/bench_convert.py`` is its command line.
+- :func:`llamacpp_source` fetches that sdist with ``pip download`` (this interpreter's pip),
+  unpacks the whole ``vendor/llama.cpp`` tree into the user cache and patches one line of the
+  converter (an unknown BPE pre-tokenizer falls back to ``qwen2`` instead of raising, so the
+  self-made tiny tokenizers convert; compare tensors and model metadata, not the vocabulary).
+- :func:`reference_converter` / :func:`run_reference_converter`: ``convert_hf_to_gguf.py`` with
+  ``--outtype bf16 --no-mtp``, run by this interpreter with the tree's own ``gguf-py``.
+- :func:`build_tools` builds ``llama-bench``, ``llama-batched-bench``, ``llama-imatrix``,
+  ``llama-perplexity``, ``llama-quantize`` and ``llama-server`` (CPU, static, Release) with cmake;
+  :func:`tool_path` finds one. ``nexlab setup`` (run by ``make install``) does both steps.
+- :func:`llama_server` starts ``llama-server`` on a free port and stops it again.
+- ``benchmark_conversion`` times nexlab against the reference converter; ``open_model`` and
+  :class:`LlamaCppProbe` use llama.cpp through llama-cpp-python.
+
+Cache (``cache_dir()``: ``$NEXLAB_CACHE``, else ``$XDG_CACHE_HOME/nexlab``, else
+``~/.cache/nexlab``), keyed by the llama-cpp-python version so every clone on a machine shares it::
+
+    llama.cpp-0.3.36/src/   the vendored tree (SOURCE.json: what was fetched and patched)
+    llama.cpp-0.3.36/bin/   the six tools (BUILD.json: cmake options, compiler, seconds)
+    llama.cpp-0.3.36/.lock  serialises fetching and building between processes
+
+Both folders appear by one rename when complete, so a folder that exists is whole.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the one pin: sdist fetched, tools built, bindings checked against it
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-imatrix", "llama-perplexity", "llama-quantize", "llama-server")
 
-def reference_converter() -> Path | None:
-    """Path of the ``llamacpp-convert`` wrapper, or None when this machine has none."""
-    env = os.environ.get("NEXLAB_REFERENCE_CONVERT")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO_ROOT.parent / "shared" / "tools" / "llamacpp-convert")
-    return next((p for p in candidates if p.is_file()), None)
+# cmake options of the tool build; anything not named keeps the tree's default, as in llama-cpp-python's
+# own build (so GGML_NATIVE stays ON: the CPU backend is compiled for this machine)
+CMAKE_OPTIONS = {
+    "CMAKE_BUILD_TYPE": "Release",
+    "BUILD_SHARED_LIBS": "OFF",       # static libllama/libggml: the binaries run without LD_LIBRARY_PATH
+    "LLAMA_OPENSSL": "OFF",           # no HTTPS model downloads (this tree has no LLAMA_CURL any more)
+    "LLAMA_BUILD_TESTS": "OFF",
+    "LLAMA_BUILD_EXAMPLES": "OFF",
+    "LLAMA_BUILD_UI": "OFF",          # the server's web UI needs npm ...
+    "LLAMA_USE_PREBUILT_UI": "OFF",   # ... or a download from Hugging Face: the server runs without it
+}
+
+# the converter's refusal of unknown BPE pre-tokenizers (conversion/base.py, get_vocab_base_pre)
+_PRETOKENIZER_RAISE = 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")'
+_PRETOKENIZER_FALLBACK = 'res = "qwen2"  # nexlab: an unknown (self-made) BPE pre-tokenizer falls back to qwen2'
+
+SETUP_HINT = "run `nexlab setup` (or `make install`, which runs it)"
 
 
-def require_reference_converter() -> Path:
-    tool = reference_converter()
-    if tool is None:
-        raise FileNotFoundError("llama.cpp's reference converter not found: set NEXLAB_REFERENCE_CONVERT to the "
-                                "llamacpp-convert script (or place it at ../shared/tools/llamacpp-convert)")
-    return tool
+# ----------------------------------------------------------------------------- the cache and the source tree
+def cache_dir() -> Path:
+    """nexlab's user cache: ``$NEXLAB_CACHE``, else ``$XDG_CACHE_HOME/nexlab``, else ``~/.cache/nexlab``."""
+    if env := os.environ.get("NEXLAB_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "nexlab"
 
 
-def reference_env(python: str = sys.executable) -> dict:
-    """Environment for the wrapper: it runs the converter with ``$PYTHON`` (this interpreter)."""
-    return dict(os.environ, PYTHON=python, PATH=f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+def llamacpp_home() -> Path:
+    """The cache folder of this llama.cpp tree: ``cache_dir()/llama.cpp-<llama-cpp-python version>``."""
+    return cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def source_dir() -> Path:
+    return llamacpp_home() / "src"
+
+
+def tools_dir() -> Path:
+    return llamacpp_home() / "bin"
+
+
+def check_llama_cpp_python_version() -> str:
+    """The installed llama-cpp-python version; raise unless it is :data:`LLAMA_CPP_PYTHON_VERSION`.
+
+    The tools and the converter must come from the tree the bindings run, or a proof compares two
+    different llama.cpp commits.
+    """
+    try:
+        installed = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"llama-cpp-python is not installed (nexlab needs =={LLAMA_CPP_PYTHON_VERSION}): "
+                           "run `make install`") from None
+    if installed != LLAMA_CPP_PYTHON_VERSION:
+        raise RuntimeError(f"llama-cpp-python {installed} is installed but nexlab.llamacpp pins "
+                           f"{LLAMA_CPP_PYTHON_VERSION} (LLAMA_CPP_PYTHON_VERSION and pyproject.toml must agree)")
+    return installed
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (pytest workers and clones share the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``final`` (an existing ``final`` is moved aside, then removed)."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _patch_converter(src: Path) -> None:
+    """Replace the converter's one ``raise`` for unknown BPE pre-tokenizers by the ``qwen2`` fallback."""
+    base = src / "conversion" / "base.py"
+    lines = base.read_text(encoding="utf-8").splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if line.strip() == _PRETOKENIZER_RAISE]
+    if len(hits) != 1:
+        raise RuntimeError(f"cannot patch {base}: expected exactly one line `{_PRETOKENIZER_RAISE}`, found "
+                           f"{len(hits)}; the converter changed, update nexlab.llamacpp._patch_converter")
+    i = hits[0]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i] = f"{indent}{_PRETOKENIZER_FALLBACK}\n"
+    base.write_text("".join(lines), encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch_source(home: Path, log: Callable[[str], None]) -> Path:
+    """Download the sdist, unpack ``vendor/llama.cpp`` into a temporary folder, patch, publish as ``src``."""
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=home, prefix=".src-"))
+    try:
+        dl = tmp / "sdist"
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(dl)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"pip could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist "
+                               f"({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+        sdists = sorted(dl.glob("*.tar.gz"))
+        if len(sdists) != 1:
+            raise RuntimeError(f"pip download left {[p.name for p in dl.iterdir()]}, expected one .tar.gz sdist")
+        t_download = time.perf_counter() - t0
+        log(f"downloaded {sdists[0].name} ({sdists[0].stat().st_size / 2**20:.0f} MiB) in {t_download:.0f} s")
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        unpack = tmp / "unpack"
+        with tarfile.open(sdists[0]) as tf:
+            members = [m for m in tf.getmembers() if m.name.startswith(prefix)]
+            if not any(m.name == prefix + "convert_hf_to_gguf.py" for m in members):
+                raise RuntimeError(f"{sdists[0].name} has no {prefix}convert_hf_to_gguf.py")
+            kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tf.extractall(unpack, members=members, **kw)
+        tree = unpack / prefix
+        _patch_converter(tree)
+        info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "sdist": sdists[0].name,
+                "sdist_sha256": _sha256(sdists[0]), "patched": ["conversion/base.py: " + _PRETOKENIZER_FALLBACK],
+                "download_seconds": round(t_download, 1), "seconds": round(time.perf_counter() - t0, 1)}
+        (tree / "SOURCE.json").write_text(json.dumps(info, indent=2) + "\n")
+        staged = Path(tempfile.mkdtemp(dir=home, prefix=".src-ready-"))
+        staged.rmdir()
+        os.replace(tree, staged)
+        _publish(staged, home / "src")
+        log(f"unpacked and patched llama.cpp in {time.perf_counter() - t0:.0f} s -> {home / 'src'}")
+        return home / "src"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def llamacpp_source(*, fetch: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """The patched ``vendor/llama.cpp`` tree of the llama-cpp-python sdist; fetched on first use.
+
+    ``fetch=False`` raises instead of downloading. Safe to call from several processes at once.
+    """
+    src = source_dir()
+    if (src / "SOURCE.json").is_file():
+        return src
+    check_llama_cpp_python_version()
+    if not fetch:
+        raise FileNotFoundError(f"llama.cpp source tree missing at {src}: {SETUP_HINT}")
+    home = llamacpp_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home / ".lock"):
+        if (src / "SOURCE.json").is_file():  # another process fetched it while we waited
+            return src
+        return _fetch_source(home, log or (lambda msg: print(f"nexlab: {msg}", file=sys.stderr)))
+
+
+# ----------------------------------------------------------------------------- the reference converter
+def reference_converter() -> Path:
+    """Path of llama.cpp's ``convert_hf_to_gguf.py`` (patched copy), fetching the tree when needed."""
+    return llamacpp_source() / "convert_hf_to_gguf.py"
+
+
+def reference_command(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, *, python: str = sys.executable,
+                      extra_args: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """Command line and environment that run the reference converter (BF16 outtype, no MTP).
+
+    ``PYTHONPATH`` puts the tree's own ``gguf-py`` first, so the converter writes with the gguf
+    code of its commit, not the installed ``gguf`` package.
+    """
+    conv = reference_converter()
+    gguf_py = str(conv.parent / "gguf-py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (gguf_py, os.environ.get("PYTHONPATH")) if p))
+    cmd = [python, str(conv), str(Path(ckpt_dir).resolve()), "--outfile", str(Path(out_path).resolve()),
+           "--outtype", "bf16", "--no-mtp", *extra_args]
+    return cmd, env
 
 
 def run_reference_converter(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, *,
-                            python: str = sys.executable, timeout: float = 1800) -> Path:
+                            python: str = sys.executable, timeout: float = 1800,
+                            extra_args: tuple[str, ...] = ()) -> Path:
     """Convert ``ckpt_dir`` with llama.cpp's converter to ``out_path``; raise with its stderr on failure."""
-    tool = require_reference_converter()
-    r = subprocess.run([str(tool), str(ckpt_dir), str(out_path)], env=reference_env(python),
-                       capture_output=True, text=True, timeout=timeout)
+    cmd, env = reference_command(ckpt_dir, out_path, python=python, extra_args=extra_args)
+    r = subprocess.run(cmd, env=env, cwd=Path(cmd[1]).parent, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed on {ckpt_dir} ({r.returncode}):\n{r.stderr[-3000:]}")
     return Path(out_path)
 
 
-def _run(cmd: list[str], env: dict | None = None) -> dict:
+def _run(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> dict:
     """Run ``cmd``; return wall seconds and the child's peak RSS (MiB).
 
     Peak RSS comes from GNU ``/usr/bin/time -f %M`` (kB): ``time`` is a small process, so the RSS
@@ -70,7 +263,7 @@ def _run(cmd: list[str], env: dict | None = None) -> dict:
         full = ["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd
         with open(err_file, "wb") as errf:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=errf, env=env)
+            proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=errf, env=env, cwd=cwd)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t0
         code = os.waitstatus_to_exitcode(status)
@@ -86,22 +279,25 @@ def _run(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def benchmark_conversion(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, repeats: int = 1,
-                  python: str = sys.executable, keep: bool = False) -> dict:
+                         python: str = sys.executable, keep: bool = False) -> dict:
     """Convert ``ckpt_dir`` with nexlab and with the reference converter; return times, RSS, ratios.
 
-    Each tool runs ``repeats`` times (alternating); the best wall time and the largest peak RSS are
+    Both run as child processes of the same interpreter (``python -m nexlab.cli convert`` and
+    ``python convert_hf_to_gguf.py``), so wall time and peak RSS are the converters' own. Each
+    runs ``repeats`` times (alternating); the best wall time and the largest peak RSS are
     reported. Output files are deleted unless ``keep``.
     """
-    tool = require_reference_converter()
     ckpt_dir = Path(ckpt_dir)
     tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="bench_convert_"))
     tmp.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, NEXLAB_NO_PROGRESS="1", PYTHON=python, PYTHONPATH=str(REPO_ROOT))
-    runs: dict[str, list[dict]] = {"nexlab": [], "llamacpp": []}
     outs = {"nexlab": tmp / "nexlab.gguf", "llamacpp": tmp / "llamacpp.gguf"}
+    ref_cmd, ref_env = reference_command(ckpt_dir, outs["llamacpp"], python=python)
+    ref_env["NEXLAB_NO_PROGRESS"] = "1"
+    env = dict(os.environ, NEXLAB_NO_PROGRESS="1", PYTHONPATH=str(REPO_ROOT))
+    runs: dict[str, list[dict]] = {"nexlab": [], "llamacpp": []}
     for _ in range(repeats):
         runs["nexlab"].append(_run([python, "-m", "nexlab.cli", "convert", str(ckpt_dir), "-o", str(outs["nexlab"]), "-q"], env))
-        runs["llamacpp"].append(_run([str(tool), str(ckpt_dir), str(outs["llamacpp"])], env))
+        runs["llamacpp"].append(_run(ref_cmd, ref_env, cwd=Path(ref_cmd[1]).parent))
     res = {k: {"seconds": min(r["seconds"] for r in v), "peak_rss_mib": max(r["peak_rss_mib"] for r in v),
                "file_mib": outs[k].stat().st_size / 2**20} for k, v in runs.items()}
     res["ratio_time"] = res["nexlab"]["seconds"] / res["llamacpp"]["seconds"]
@@ -113,6 +309,252 @@ def benchmark_conversion(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike
         for p in outs.values():
             p.unlink(missing_ok=True)
     return res
+
+
+# ----------------------------------------------------------------------------- llama.cpp's tools
+def tool_path(name: str) -> Path:
+    """Path of one of llama.cpp's tools (:data:`TOOLS`), built by ``nexlab setup``.
+
+    Never builds: a missing tool is an error that says how to build it.
+    """
+    if name not in TOOLS:
+        raise ValueError(f"unknown llama.cpp tool {name!r}; nexlab builds {', '.join(TOOLS)}")
+    p = tools_dir() / name
+    if not os.access(p, os.X_OK):
+        raise FileNotFoundError(f"llama.cpp's {name} is not built (looked for {p}): {SETUP_HINT}")
+    return p
+
+
+def missing_tools() -> list[str]:
+    return [t for t in TOOLS if not os.access(tools_dir() / t, os.X_OK)]
+
+
+_PROGRESS_RE = re.compile(r"^\[\s*(\d+)%\]|^\[(\d+)/(\d+)\]")  # make: "[ 37%] ...", ninja: "[12/345] ..."
+_BUILT_RE = re.compile(r"^\[\s*\d+%\] Built target (\S+)")
+
+
+def _stream(cmd: list[str], log_file, *, label: str, log: Callable[[str], None], t0: float, env=None) -> None:
+    """Run ``cmd``, copy its output to ``log_file``, report each new percentage; raise with the tail on failure."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+    tail: list[str] = []
+    last = -1
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log_file.write(line)
+        tail = (tail + [line])[-60:]
+        if (m := _BUILT_RE.match(line)) and m[1] in TOOLS:
+            log(f"  {label} {time.perf_counter() - t0:6.0f} s  {m[1]} done")
+        elif m := _PROGRESS_RE.match(line):  # make restarts the percentage for each target: report jumps
+            pct = int(m[1]) if m[1] else 100 * int(m[2]) // int(m[3])
+            if abs(pct - last) >= 10:
+                last = pct
+                log(f"  {label} {time.perf_counter() - t0:6.0f} s  [{pct:3d}%] {line.split('] ', 1)[-1].strip()[:70]}")
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{''.join(tail)[-4000:]}")
+
+
+def build_tools(*, jobs: int | None = None, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Build :data:`TOOLS` from :func:`llamacpp_source` with cmake; return BUILD.json's content.
+
+    Configured with :data:`CMAKE_OPTIONS` (Release, static, CPU, no HTTPS, no web UI), only the six
+    targets built (``cmake --build --target ...``), ``jobs`` parallel jobs (default: every CPU).
+    The build runs in a temporary folder; its ``bin`` is renamed into place when every tool is
+    there, under the cache lock. An existing complete build is kept unless ``force``.
+    """
+    home = llamacpp_home()
+    bin_dir = tools_dir()
+    if not force and not missing_tools():
+        return json.loads((bin_dir / "BUILD.json").read_text())
+    src = llamacpp_source(log=log)
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise FileNotFoundError("cmake not found: llama.cpp's tools are built with cmake (and a C/C++ compiler); "
+                                "install it (e.g. `apt-get install cmake build-essential`, or conda's cmake and compilers)")
+    jobs = int(jobs or os.cpu_count() or 2)
+    with _locked(home / ".lock"):
+        if not force and not missing_tools():
+            return json.loads((bin_dir / "BUILD.json").read_text())
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(dir=home, prefix=".build-"))
+        log_path = tmp / "build.log"
+        try:
+            with open(log_path, "w") as lf:
+                configure = [cmake, "-S", str(src), "-B", str(tmp / "build"),
+                             *[f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items()]]
+                log(f"configuring llama.cpp ({src}) ...")
+                _stream(configure, lf, label="configure", log=log, t0=t0)
+                t_conf = time.perf_counter() - t0
+                build = [cmake, "--build", str(tmp / "build"), "--config", "Release", "-j", str(jobs),
+                         "--target", *TOOLS]
+                log(f"configured in {t_conf:.0f} s; building {', '.join(TOOLS)} with {jobs} jobs ...")
+                _stream(build, lf, label="build", log=log, t0=t0)
+            built = tmp / "build" / "bin"
+            missing = [t for t in TOOLS if not os.access(built / t, os.X_OK)]
+            if missing:
+                raise RuntimeError(f"the build finished without {missing} in {built}")
+            stage = Path(tempfile.mkdtemp(dir=home, prefix=".bin-"))
+            for t in TOOLS:
+                shutil.copy2(built / t, stage / t)
+            shutil.copy2(log_path, stage / "build.log")
+            cxx = re.search(r"The CXX compiler identification is (.+)", log_path.read_text())
+            info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "source": str(src), "tools": list(TOOLS),
+                    "cmake_options": CMAKE_OPTIONS, "jobs": jobs, "cxx": cxx[1].strip() if cxx else None,
+                    "configure_seconds": round(t_conf, 1), "seconds": round(time.perf_counter() - t0, 1),
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (stage / "BUILD.json").write_text(json.dumps(info, indent=2) + "\n")
+            _publish(stage, bin_dir)
+            log(f"built {len(TOOLS)} tools in {info['seconds']:.0f} s -> {bin_dir}")
+            return info
+        except BaseException:
+            if log_path.exists():
+                shutil.copy2(log_path, home / "build-failed.log")
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def setup(*, jobs: int | None = None, force: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Everything nexlab needs from llama.cpp: the source tree (converter) and the tools."""
+    check_llama_cpp_python_version()
+    t0 = time.perf_counter()
+    src = llamacpp_source(log=log)
+    log(f"llama.cpp source: {src}")
+    present = not force and not missing_tools()
+    info = build_tools(jobs=jobs, force=force, log=log)
+    state = f"already built {info['built_at']}" if present else f"built in {info['seconds']:.0f} s"
+    log(f"llama.cpp tools: {tools_dir()} ({state}); setup took {time.perf_counter() - t0:.0f} s")
+    return info
+
+
+def setup_report() -> tuple[list[str], bool]:
+    """Lines describing what ``nexlab setup`` provides and whether it is all there."""
+    lines, ok = [], True
+    try:
+        lines.append(f"llama-cpp-python {check_llama_cpp_python_version()} (pinned {LLAMA_CPP_PYTHON_VERSION})")
+    except RuntimeError as exc:
+        lines.append(f"MISSING  {exc}")
+        ok = False
+    lines.append(f"cache: {llamacpp_home()}")
+    src = source_dir()
+    if (src / "SOURCE.json").is_file():
+        s = json.loads((src / "SOURCE.json").read_text())
+        lines.append(f"ok       source tree {src} ({s['sdist']}, sha256 {s['sdist_sha256'][:12]}...)")
+    else:
+        lines.append(f"MISSING  source tree {src}")
+        ok = False
+    for t in TOOLS:
+        p = tools_dir() / t
+        present = os.access(p, os.X_OK)
+        ok &= present
+        lines.append(f"{'ok' if present else 'MISSING':8s} {p}")
+    if (tools_dir() / "BUILD.json").is_file():
+        b = json.loads((tools_dir() / "BUILD.json").read_text())
+        lines.append(f"tools built {b['built_at']} in {b['seconds']:.0f} s with {b['jobs']} jobs ({b['cxx']})")
+    return lines, ok
+
+
+def _cli_setup(args: argparse.Namespace) -> int:
+    if args.check:
+        lines, ok = setup_report()
+        print("\n".join(lines))
+        if not ok:
+            print(f"incomplete: {SETUP_HINT}")
+        return 0 if ok else 1
+    setup(jobs=args.jobs, force=args.force, log=lambda msg: print(f"nexlab setup: {msg}", flush=True))
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("setup", help="fetch llama.cpp's source (converter) and build its tools into the user cache",
+                       description="Fetch the llama.cpp tree that llama-cpp-python "
+                                   f"{LLAMA_CPP_PYTHON_VERSION} vendors and build {', '.join(TOOLS)} "
+                                   f"(CPU, static) into {llamacpp_home()}.")
+    p.add_argument("--check", action="store_true", help="only list what is there (exit 1 when something is missing)")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: every CPU)")
+    p.add_argument("--force", action="store_true", help="rebuild the tools even when they are there")
+    p.set_defaults(func=_cli_setup)
+
+
+# ----------------------------------------------------------------------------- llama-server
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never send 127.0.0.1 through a proxy
+
+
+class LlamaServer:
+    """A running ``llama-server`` (see :func:`llama_server`): its URL, process and log."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path):
+        self.url, self.process, self.log_path = url, process, log_path
+
+    def request(self, path: str, payload: dict | None = None, timeout: float = 300) -> dict:
+        """GET ``path`` (or POST ``payload`` as JSON) and return the JSON answer; HTTP errors carry the body."""
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with _NO_PROXY.open(req, timeout=timeout) as r:
+                return json.loads(r.read().decode())
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"llama-server {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:2000]}") from None
+
+    def chat(self, messages: list[dict], **params: Any) -> dict:
+        """One OpenAI-style ``/v1/chat/completions`` request (not streamed)."""
+        return self.request("/v1/chat/completions", {"messages": messages, "stream": False, **params})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def llama_server(model: str | os.PathLike, *args: str, n_ctx: int = 512, threads: int = 2, port: int | None = None,
+                 startup_timeout: float = 120.0) -> Iterator[LlamaServer]:
+    """Start ``llama-server -m MODEL`` on 127.0.0.1 (a free port), wait for ``/health``, stop it on exit.
+
+    ``args`` are passed on (e.g. ``"--jinja"``). The server is terminated (killed after 10 s) when
+    the block ends, also on an exception or Ctrl-C; a server that exits or never becomes healthy
+    raises with the end of its log.
+    """
+    exe = tool_path("llama-server")
+    model = check_gguf_path(model)
+    port = port or free_port()
+    cmd = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx),
+           "-t", str(threads), *args]
+    fd, log_name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+    log_path = Path(log_name)
+    proc = None
+    try:
+        with os.fdopen(fd, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        server = LlamaServer(f"http://127.0.0.1:{port}", proc, log_path)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({proc.returncode}) before it was ready:\n"
+                                   f"{' '.join(cmd)}\n{server.log()[-3000:]}")
+            try:
+                with _NO_PROXY.open(server.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass  # not listening yet, or 503 while the model loads
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"llama-server not healthy after {startup_timeout:.0f} s:\n{server.log()[-3000:]}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log_path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- llama.cpp through llama-cpp-python

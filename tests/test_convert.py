@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest_convert import converted, tiny  # noqa: F401  (fixtures)
+from conftest_convert import converted, nexlab_gguf, tiny  # noqa: F401  (fixtures)
 
 from nexlab import convert as cv
 from nexlab import qwen35moe as Q
@@ -33,22 +33,22 @@ def test_tensors_and_model_metadata_equal_llamacpp_converter(converted, kind):  
     assert ("NVFP4" in types) == (kind != "bf16")
 
 
-def test_diff_gguf_can_fail(converted):  # noqa: F811
-    ours, _ = converted("nvfp4")
-    other, _ = converted("bf16")
+def test_diff_gguf_can_fail(nexlab_gguf):  # noqa: F811
+    ours = nexlab_gguf("nvfp4")
+    other = nexlab_gguf("bf16")
     d = diff_gguf(ours, other)
     assert any("type NVFP4 vs BF16" in x for x in d) and any("general.file_type" not in x for x in d)
 
 
 @pytest.mark.parametrize("kind", ["nvfp4", "nvfp4_all"])
-def test_nvfp4_tensors_dequantize_to_modelopt_values(tiny, converted, kind):  # noqa: F811
+def test_nvfp4_tensors_dequantize_to_modelopt_values(tiny, nexlab_gguf, kind):  # noqa: F811
     """gguf-py's NVFP4 dequantizer on our bytes == ModelOpt's e2m1*e4m3 values (weight_scale_2
     carried by the .scale sidecar), after the same value-head reorder applied to float tensors."""
     import gguf
 
     from nexlab.nvfp4 import dequantize_nvfp4_modelopt
 
-    ours, _ = converted(kind)
+    ours = nexlab_gguf(kind)
     r = gguf.GGUFReader(ours)
     tensors = {t.name: t for t in r.tensors}
     ck = Checkpoint(tiny[kind])
@@ -114,10 +114,10 @@ def test_nvfp4_reorder_commutes_with_dequantization():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nvfp4", "nvfp4_all"])
-def test_llamacpp_next_token_distributions_match_transformers(tiny, converted, kind):  # noqa: F811
+def test_llamacpp_next_token_distributions_match_transformers(tiny, nexlab_gguf, kind):  # noqa: F811
     from nexlab.reference import compare_logits, heldout_tokens
 
-    ours, _ = converted(kind)
+    ours = nexlab_gguf(kind)
     ids = heldout_tokens(tiny["artifacts"], tiny["tokenizer"], n=256)
     r = compare_logits(tiny[kind], ours, ids, window=128, greedy_prompts=2, greedy_len=8)
     assert r["positions"] >= 128
@@ -125,11 +125,11 @@ def test_llamacpp_next_token_distributions_match_transformers(tiny, converted, k
     assert r["greedy_all_equal"], r["greedy"]
 
 
-def test_llamacpp_tokenizes_like_the_hf_tokenizer(tiny, converted):  # noqa: F811
+def test_llamacpp_tokenizes_like_the_hf_tokenizer(tiny, nexlab_gguf):  # noqa: F811
     from llama_cpp import Llama
     from tokenizers import Tokenizer
 
-    ours, _ = converted("nvfp4")
+    ours = nexlab_gguf("nvfp4")
     llm = Llama(model_path=str(ours), vocab_only=True, verbose=False)
     tok = Tokenizer.from_file(str(tiny["tokenizer"] / "tokenizer.json"))
     text = tiny["heldout_text"].read_text()[:4000]
@@ -138,8 +138,8 @@ def test_llamacpp_tokenizes_like_the_hf_tokenizer(tiny, converted):  # noqa: F81
     assert llm.token_eos() == tok.token_to_id("<|endoftext|>")
 
 
-def test_fixed_chat_template_by_default_original_on_request(tiny, converted, tmp_path):  # noqa: F811
-    ours, _ = converted("nvfp4")
+def test_fixed_chat_template_by_default_original_on_request(tiny, nexlab_gguf, tmp_path):  # noqa: F811
+    ours = nexlab_gguf("nvfp4")
     assert inspect_gguf(ours)["metadata"]["tokenizer.chat_template"] == fixed_template()
     out = tmp_path / "orig.gguf"
     cv.convert_checkpoint(tiny["nvfp4"], out, chat_template="original", show_progress=False)

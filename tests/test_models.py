@@ -21,7 +21,7 @@ import torch
 
 from nexlab import models as M
 from nexlab.config import SPECIAL_TOKENS, tiny_config
-from nexlab.llamacpp import reference_converter, run_reference_converter
+from nexlab.llamacpp import run_reference_converter
 
 
 
@@ -274,8 +274,6 @@ def test_sharded_writer_refuses_a_tensor_written_twice(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["nvfp4", "bf16"])
 def test_llamacpp_reference_converter_accepts_the_checkpoint(tiny, variant, tmp_path):
-    if reference_converter() is None:
-        pytest.skip("llama.cpp's reference converter (llamacpp-convert) not available")
     out = run_reference_converter(tiny[variant], tmp_path / f"{variant}.gguf", timeout=600)
     from gguf import GGUFReader
 
