@@ -7,16 +7,25 @@ and thinking. In history, an assistant turn after the last user query is rendere
 
 The seed's template opened thinking in the *generation prompt* with a bare ``<think>`` (no
 newline). The prompt is then still a prefix of the history render, so the model happily writes
-``\\n{reasoning}\\n</think>\\n\\n{content}``; but llama.cpp's reasoning extraction (common/chat's
-tag-based reasoning, which derives the start marker ``<think>\\n`` from how history renders and
-treats thinking as *forced open* only when the generation prompt ends with that marker) does not
-see a forced-open block. The output does not start with ``<think>\\n`` either, so the whole chain of
-thought, with a stray ``</think>``, lands in ``content``. The fix prefills ``<think>\\n`` (exactly
-the history's marker), and :func:`check_template` shows with jinja2 renders that prompt and history
-now agree.
+``\\n{reasoning}\\n</think>\\n\\n{content}``; but a tag-based reasoning extraction that derives the
+start marker ``<think>\\n`` from how history renders and treats thinking as *forced open* only when
+the generation prompt ends with that marker (:func:`extract_reasoning` models it; the seed's model
+card reports this leak in llama.cpp) does not see a forced-open block. The output does not start
+with ``<think>\\n`` either, so the whole chain of thought, with a stray ``</think>``, lands in
+``content``. The fix prefills ``<think>\\n`` (exactly the history's marker), and
+:func:`check_template` shows with jinja2 renders that prompt and history now agree.
+:func:`llama_server_routing` asks the real parser instead: llama-server of llama-cpp-python
+0.3.36's tree (common/chat's auto-parser, which analyses the template) splits reasoning and
+answer correctly for both templates (tests/test_chat_template.py).
 
 ``render`` uses jinja2's sandbox with the conventions of transformers' ``apply_chat_template``
 (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``, ``tojson`` without ASCII escaping).
+
+The seed's template is rebuilt from upstream text: Qwen3.5's template as llama.cpp ships it
+(``models/templates/Qwen3.5-4B.jinja`` in the tree llama-cpp-python 0.3.36 vendors, fetched by
+:func:`nexlab.llamacpp.llamacpp_source`) with the one difference the seed's model card names: its
+generation prompt opens thinking with ``'<think>'`` instead of ``'<think>\\n'`` (nex-agi's own
+template file is not reachable from here).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ FIXED_TEMPLATE_PATH = TEMPLATE_DIR / "qwen35_chatml.jinja"
 
 THINK_START = "<think>\n"  # reasoning start marker as history renders it
 THINK_END = "</think>"
+UPSTREAM_TEMPLATE = "models/templates/Qwen3.5-4B.jinja"  # in llama.cpp's tree
 
 _GEN_BLOCK_RE = re.compile(r"(\{%-?\s*if\s+add_generation_prompt\s*-?%\})(.*?)(\{%-?\s*endif\s*-?%\}\s*)$", re.S)
 
@@ -40,16 +50,25 @@ def fixed_template() -> str:
     return FIXED_TEMPLATE_PATH.read_text()
 
 
+def upstream_template() -> str:
+    """Qwen3.5's chat template as llama.cpp ships it (:data:`UPSTREAM_TEMPLATE` in the vendored tree)."""
+    from .llamacpp import llamacpp_source  # noqa: PLC0415
+
+    return (llamacpp_source() / UPSTREAM_TEMPLATE).read_text(encoding="utf-8")
+
+
 def seed_template() -> str:
-    """The seed's buggy variant: the generation prompt force-opens thinking with a bare ``<think>``."""
-    t = fixed_template()
+    """The seed's buggy template: :func:`upstream_template` whose generation prompt opens thinking
+    with a bare ``'<think>'`` (the upstream nex-agi form), while history still renders ``<think>\\n``."""
+    t = upstream_template()
     m = _GEN_BLOCK_RE.search(t)
-    if m is None:  # pragma: no cover - guards the template file's layout
-        raise ValueError("template has no trailing add_generation_prompt block")
-    block = m.group(2).replace("{{- '<think>\\n' -}}", "{{- '<think>' -}}")
-    if block == m.group(2):  # pragma: no cover
-        raise ValueError("could not locate the forced-open '<think>\\n' in the generation prompt")
-    return t[: m.start(2)] + block + t[m.end(2):]
+    if m is None:
+        raise ValueError(f"{UPSTREAM_TEMPLATE} has no trailing add_generation_prompt block")
+    literal = "'<think>\\n'"
+    if m.group(2).count(literal) != 1:
+        raise ValueError(f"{UPSTREAM_TEMPLATE}: expected one {literal} in the generation prompt, "
+                         f"found {m.group(2).count(literal)}")
+    return t[: m.start(2)] + m.group(2).replace(literal, "'<think>'") + t[m.end(2):]
 
 
 def fix_forced_open_think(template: str) -> tuple[str, bool]:
@@ -109,6 +128,12 @@ def extract_reasoning(prompt: str, generated: str, start: str = THINK_START, end
     return r.strip(), c.lstrip("\n")
 
 
+# the conversation of check_template and llama_server_routing, and the turn a model trained on it writes
+CHECK_CONVERSATION = [{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "What is 2+2?"}]
+CHECK_REASONING, CHECK_ANSWER = "The user asks for 2+2. That is 4.", "2 + 2 = 4."
+
+
 def check_template(template: str) -> dict[str, Any]:
     """Render one conversation as history and as prompt + continuation; report whether they agree.
 
@@ -117,9 +142,7 @@ def check_template(template: str) -> dict[str, Any]:
     ``<think>\\n``), the extracted ``reasoning`` / ``content`` and ``ok`` (reasoning and content
     recovered exactly). The strings are included for display.
     """
-    reasoning, answer = "The user asks for 2+2. That is 4.", "2 + 2 = 4."
-    conv = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is 2+2?"}]
+    reasoning, answer, conv = CHECK_REASONING, CHECK_ANSWER, CHECK_CONVERSATION
     history = render(template, conv + [{"role": "assistant", "content": answer, "reasoning_content": reasoning}])
     prompt = render(template, conv, add_generation_prompt=True)
     prefix = history.startswith(prompt)
@@ -161,3 +184,51 @@ def original_template(ckpt_dir: str | Path) -> str | None:
             if t:
                 return t
     return None
+
+
+def gbnf_literal(text: str) -> str:
+    """A GBNF grammar whose only sentence is ``text`` (llama.cpp grammar string escapes)."""
+    esc = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'root ::= "{esc}"'
+
+
+def _landing(answer: dict) -> dict[str, Any]:
+    choice = answer["choices"][0]
+    msg = choice["message"]
+    reasoning, content = msg.get("reasoning_content") or "", msg.get("content") or ""
+    routed = {(True, False): "reasoning_content", (False, True): "content",
+              (True, True): "both", (False, False): "none"}[(bool(reasoning), bool(content))]
+    return {"routed_to": routed, "reasoning_content": reasoning, "content": content,
+            "finish_reason": choice.get("finish_reason"), "completion_tokens": answer.get("usage", {}).get("completion_tokens")}
+
+
+def llama_server_routing(gguf_path: str | Path, *, free_tokens: int = 16, threads: int = 2) -> dict[str, Any]:
+    """Where llama.cpp's chat parser puts generated text, for the template embedded in ``gguf_path``.
+
+    Starts ``llama-server --jinja --reasoning-format deepseek`` (the tree's default format, named so
+    the experiment does not drift with it) and asks, for :data:`CHECK_CONVERSATION`:
+
+    - ``/apply-template``: llama.cpp's own render of the generation prompt (``prompt``; compare
+      with nexlab's, ``check["prompt"]``);
+    - ``forced``: one chat completion constrained by a grammar (:func:`gbnf_literal`) to the turn a
+      model trained on the template's history writes after that prompt (``check["generated"]``:
+      reasoning, ``</think>``, answer), so the parser sees a realistic chain of thought;
+    - ``free``: one unconstrained greedy completion (``free_tokens``; the tiny model's text is
+      gibberish without ``</think>``: it shows where text goes while thinking is open).
+
+    Both answers use ``temperature`` 0 and ``seed`` 0. Each reports ``routed_to``
+    (``reasoning_content``, ``content``, ``both`` or ``none``), the two strings, the finish reason
+    and the token count. ``check`` is :func:`check_template` of the server's template, ``build_info``
+    the server's. Where the text lands is decided by the template and the parser alone.
+    """
+    from .llamacpp import llama_server  # noqa: PLC0415
+
+    msgs = CHECK_CONVERSATION
+    with llama_server(gguf_path, "--jinja", "--reasoning-format", "deepseek", threads=threads) as srv:
+        props = srv.request("/props")
+        check = check_template(props["chat_template"])
+        prompt = srv.request("/apply-template", {"messages": msgs})["prompt"]
+        forced = srv.chat(msgs, max_tokens=256, temperature=0.0, seed=0, grammar=gbnf_literal(check["generated"]))
+        free = srv.chat(msgs, max_tokens=free_tokens, temperature=0.0, seed=0)
+    return {"prompt": prompt, "check": check, "forced": _landing(forced), "free": _landing(free),
+            "build_info": props.get("build_info")}

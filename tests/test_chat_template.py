@@ -1,10 +1,15 @@
-"""The embedded chat template: the seed's forced-open-thinking bug, its fix, and rendering parity."""
+"""The embedded chat template: the seed's forced-open-thinking bug, its fix, rendering parity, and
+where llama.cpp's own parser (llama-server) puts the generated text."""
 
 from __future__ import annotations
 
 import pytest
+from conftest_convert import tiny  # noqa: F401  (fixture)
+from jinja2.exceptions import TemplateError
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from nexlab import chat_template as ct
+from nexlab.convert import convert_checkpoint
 
 CONV = [
     {"role": "system", "content": "You are terse."},
@@ -37,9 +42,16 @@ def test_seed_template_sends_whole_chain_of_thought_to_content():
     assert not r["ok"]
 
 
+def test_seed_template_is_upstream_qwen35_with_a_bare_think_prefill():
+    upstream, seed = ct.upstream_template(), ct.seed_template()
+    assert seed.count("'<think>'") == upstream.count("'<think>'") + 1  # one more bare literal: the prefill
+    assert len(upstream) - len(seed) == 2  # the two characters of \\n, nothing else
+    assert ct.check_template(upstream)["ok"]  # Qwen3.5's own prefill is already "<think>\\n"
+
+
 def test_fix_forced_open_think_repairs_seed_and_leaves_fixed_alone():
     fixed, changed = ct.fix_forced_open_think(ct.seed_template())
-    assert changed and fixed == ct.fixed_template()
+    assert changed and fixed == ct.upstream_template()
     same, changed2 = ct.fix_forced_open_think(ct.fixed_template())
     assert not changed2 and same == ct.fixed_template()
 
@@ -65,9 +77,6 @@ def test_tool_calls_and_responses_render_in_qwen35_xml_form():
 
 
 def test_render_matches_transformers_apply_chat_template():
-    pytest.importorskip("transformers")
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     for tmpl in (ct.fixed_template(), ct.seed_template()):
         for gen in (False, True):
             conv = CONV if not gen else CONV
@@ -78,8 +87,6 @@ def test_render_matches_transformers_apply_chat_template():
 
 
 def test_template_raises_on_bad_conversation():
-    from jinja2.exceptions import TemplateError
-
     with pytest.raises(TemplateError, match="No user query"):
         ct.render(ct.fixed_template(), [{"role": "system", "content": "x"}])
 
@@ -93,3 +100,47 @@ def test_resolve_chat_template_choices(tmp_path):
     assert ct.resolve_chat_template("original", tmp_path) == "ORIG"
     with pytest.raises(ValueError, match="neither fixed"):
         ct.resolve_chat_template(str(tmp_path / "nope.jinja"))
+
+
+@pytest.fixture(scope="module")
+def routing(tiny, tmp_path_factory):  # noqa: F811
+    """llama-server's answers for the tiny NVFP4 GGUF written once with each embedded template."""
+    root = tmp_path_factory.mktemp("routing")
+    (root / "seed.jinja").write_text(ct.seed_template())
+    out = {}
+    for name, choice in (("fixed", "fixed"), ("seed", str(root / "seed.jinja"))):
+        gguf = root / f"tiny-{name}.gguf"
+        convert_checkpoint(tiny["nvfp4"], gguf, chat_template=choice, show_progress=False)
+        out[name] = ct.llama_server_routing(gguf, free_tokens=16)
+    return out
+
+
+def test_llama_server_routes_reasoning_and_answer_apart_for_both_templates(routing):
+    """The real parser: llama-server (``--jinja --reasoning-format deepseek``) built from the tree
+    llama-cpp-python 0.3.36 vendors, on the tiny GGUF with nexlab's fixed template and with the
+    seed's (upstream Qwen3.5 text, bare ``<think>`` prefill).
+
+    Measured on this tree (2026-11-30): for BOTH templates the forced turn (``reasoning\\n</think>
+    \\n\\nanswer``, with the leading ``\\n`` the seed's prompt leaves to the model) is split into
+    ``reasoning_content`` = the reasoning (plus a trailing ``\\n``) and ``content`` = the answer,
+    and free gibberish goes to ``reasoning_content``. This parser (common/chat's auto-parser, which
+    derives the markers from the template itself) does not show the seed's bug, nor did llama.cpp
+    build 11434 (both templates sent free text to ``reasoning_content``). The fix matters for
+    builds whose parser treats thinking as forced open only when the prompt ends with the exact
+    ``<think>\\n`` marker: the tag-based extraction that :func:`nexlab.chat_template.extract_reasoning`
+    models and on which the seed's model card reports the leak (its measurements name build
+    85f99dca8; the card says every build), and for clients that parse the raw text themselves.
+    Should a later tree leak the seed's reasoning into ``content``, this test fails and shows it.
+    """
+    for name, r in routing.items():
+        chk = r["check"]
+        assert r["prompt"] == chk["prompt"], name  # llama.cpp's jinja renders the prompt as nexlab's does
+        assert r["forced"]["finish_reason"] == "stop", (name, r["forced"])
+        assert r["forced"]["reasoning_content"].strip() == ct.CHECK_REASONING, (name, r["forced"])
+        assert r["forced"]["content"] == ct.CHECK_ANSWER, (name, r["forced"])
+        assert r["free"]["completion_tokens"] == 16 and r["free"]["routed_to"] == "reasoning_content", (name, r["free"])
+    assert routing["fixed"]["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+    assert routing["seed"]["prompt"].endswith("<|im_start|>assistant\n<think>")
+    assert routing["seed"]["check"]["generated"].startswith("\nThe user asks")
+    # nexlab's model of the tag-based parser disagrees with this tree for the seed only
+    assert routing["fixed"]["check"]["ok"] and not routing["seed"]["check"]["ok"]
