@@ -8,6 +8,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import nbformat
+import numpy as np
 import pytest
 
 from nexlab import results, workbook
@@ -88,7 +90,6 @@ def test_notebook_table_lists_every_notebook():
 
 
 def test_results_record_merges_and_converts_numpy(tmp_path):
-    np = pytest.importorskip("numpy")
     results.record(tmp_path, a=np.float32(1.5), b=np.arange(3))
     results.record(tmp_path, c="x", a=2)
     data = json.loads((tmp_path / "results.json").read_text())
@@ -119,7 +120,6 @@ def test_cli_lists_subcommands():
 
 
 def test_failing_notebook_names_the_cell(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("SMOKE = True"), nbformat.v4.new_code_cell("x = 1"),
                 nbformat.v4.new_code_cell("assert x == 2, 'x should be two'")]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
+import scipy.special as scipy_special
 
-llama_cpp = pytest.importorskip("llama_cpp")
-scipy_special = pytest.importorskip("scipy.special")
-
-from nexlab import quality as Q  # noqa: E402
+from nexlab import quality as Q
 
 CHUNK = 64
 N_CHUNKS = 3
@@ -31,7 +30,6 @@ def _artifacts() -> Path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Tokenizer dir, held-out tokens and the tiny NVFP4-BF16 / NVFP4-Q8_0 / NVFP4-Q4_K_M GGUFs."""
-    pytest.importorskip("torch")
     from nexlab import convert
     from nexlab.models import ensure_tiny
 

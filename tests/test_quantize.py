@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import gguf
+import llama_cpp
+import torch
 from nexlab import formats as F
 from nexlab import quantize as Q
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 FTYPES = {"q4_k_m": 15, "q8_0": 7}
 GGML_NVFP4 = 40
@@ -295,7 +295,6 @@ def test_bad_variant_and_layer_raise():
 
 
 def test_bf16_rounding_matches_torch():
-    torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 1e3
     x[:4] = [np.inf, -np.inf, 0.0, -0.0]
     ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -305,26 +304,19 @@ def test_bf16_rounding_matches_torch():
 # --------------------------------------------------------------------------- the tiny model end to end
 
 
-def _artifacts():
-    import os
-    from pathlib import Path
-
-    return Path(os.environ.get("NEXLAB_ARTIFACTS", Path(__file__).resolve().parent.parent / "build" / "artifacts"))
-
-
 @pytest.mark.slow
 def test_tiny_model_variants_equal_llama_model_quantize(tmp_path):
     """NVFP4-BF16 GGUF of the tiny ModelOpt checkpoint (nexlab.convert) -> llama_model_quantize q4_k_m
     (with and without an imatrix collected by nexlab.imatrix.collect_imatrix) and q8_0, NVFP4 kept:
     every tensor's type and bytes equal nexlab's plan and quantizer."""
-    ckpt = _artifacts() / "tiny" / "nvfp4"
-    calib = _artifacts() / "text" / "calib.txt"
-    if not (ckpt / "config.json").exists() or not calib.exists():
-        pytest.skip("build/artifacts/tiny/nvfp4 or text/calib.txt missing (made by notebooks 00/02)")
     from tokenizers import Tokenizer
 
     from nexlab import convert, reference
     from nexlab import imatrix as IM
+    from nexlab.models import ensure_tiny
+
+    tiny = ensure_tiny(smoke=True)  # the notebooks' artifacts when there, else built here (seconds)
+    ckpt, calib = tiny["nvfp4"], tiny["calib_text"]
 
     src = tmp_path / "tiny-NVFP4-BF16.gguf"
     convert.convert_checkpoint(ckpt, src, variant="bf16", show_progress=False)

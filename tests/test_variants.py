@@ -20,12 +20,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-
-gguf = pytest.importorskip("gguf")
-llama_cpp = pytest.importorskip("llama_cpp")
-pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_quantize import run_llama_quantize  # noqa: E402
