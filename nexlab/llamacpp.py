@@ -337,7 +337,7 @@ def _stream(cmd: list[str], log_file, *, label: str, log: Callable[[str], None],
     """Run ``cmd``, copy its output to ``log_file``, report each new percentage; raise with the tail on failure."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
     tail: list[str] = []
-    last = -1
+    last = -100  # report the first percentage
     assert proc.stdout is not None
     for line in proc.stdout:
         log_file.write(line)
@@ -460,7 +460,13 @@ def _cli_setup(args: argparse.Namespace) -> int:
         if not ok:
             print(f"incomplete: {SETUP_HINT}")
         return 0 if ok else 1
-    setup(jobs=args.jobs, force=args.force, log=lambda msg: print(f"nexlab setup: {msg}", flush=True))
+    try:
+        setup(jobs=args.jobs, force=args.force, log=lambda msg: print(f"nexlab setup: {msg}", flush=True))
+    except RuntimeError as exc:  # pip, cmake or the compiler failed: their output is in the message
+        print(f"nexlab setup: error: {exc}", file=sys.stderr)
+        if (llamacpp_home() / "build-failed.log").is_file():
+            print(f"nexlab setup: full build log: {llamacpp_home() / 'build-failed.log'}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -81,6 +81,17 @@ def test_setup_check_lists_every_tool(capsys):
         assert re.search(rf"^ok +\S+/{t}$", out, re.M), t
 
 
+def test_build_steps_report_progress_and_fail_with_the_end_of_their_output(tmp_path):
+    lines = []
+    with open(tmp_path / "log", "w") as f:
+        LL._stream(["bash", "-c", "echo '[  4%] Building a.c'; echo '[100%] Built target llama-bench'"], f,
+                   label="build", log=lines.append, t0=0.0)
+        with pytest.raises(RuntimeError, match=r"failed \(3\):\ncompiler says no"):
+            LL._stream(["bash", "-c", "echo 'compiler says no'; exit 3"], f, label="build", log=lines.append, t0=0.0)
+    assert any("Building a.c" in x for x in lines) and any("llama-bench done" in x for x in lines)
+    assert "compiler says no" in (tmp_path / "log").read_text()
+
+
 @pytest.mark.parametrize("name", LL.TOOLS)
 def test_tool_is_static_and_runs(name):
     exe = LL.tool_path(name)
