@@ -188,7 +188,9 @@ def test_cli_convert_and_inspect(tiny, tmp_path, capsys):  # noqa: F811
 @pytest.mark.slow
 def test_quantized_variants_load_in_llamacpp_and_degrade_in_order(tiny, tmp_path):  # noqa: F811
     """q8_0 / q4_k_m through the kquants hooks: llama.cpp loads them, NVFP4 experts stay NVFP4,
-    and the distance to the reference grows bf16 < q8_0 < q4_k_m while staying small."""
+    and the distance to the reference stays small, Q4_K_M's the largest. BF16 and Q8_0 are not
+    ordered: on the smoke model their KL to the float32 reference differ by less than the noise
+    (measured 2.7e-5 and 2.4e-5 nats on one build)."""
     from nexlab.reference import build_hf_model, heldout_tokens, hf_logits, kl_per_position, llama_logits, open_llama
 
     ids = heldout_tokens(tiny["artifacts"], tiny["tokenizer"], n=128)
@@ -199,5 +201,5 @@ def test_quantized_variants_load_in_llamacpp_and_degrade_in_order(tiny, tmp_path
         r = cv.convert_checkpoint(tiny["nvfp4"], out, variant=v, show_progress=False)
         assert r.types["NVFP4"] == 48
         kl[v] = float(kl_per_position(ref, llama_logits(open_llama(out), ids)).mean())
-    assert kl["bf16"] < kl["q8_0"] < kl["q4_k_m"] < 1e-2, kl
+    assert max(kl["bf16"], kl["q8_0"]) < kl["q4_k_m"] < 1e-2, kl
     assert kl["q8_0"] < 1e-3, kl
