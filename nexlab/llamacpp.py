@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -48,6 +47,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from nexlab.fileio import locked
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,18 +111,6 @@ def check_llama_cpp_python_version() -> str:
         raise RuntimeError(f"llama-cpp-python {installed} is installed but nexlab.llamacpp pins "
                            f"{LLAMA_CPP_PYTHON_VERSION} (LLAMA_CPP_PYTHON_VERSION and pyproject.toml must agree)")
     return installed
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (pytest workers and clones share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -212,7 +201,7 @@ def llamacpp_source(*, fetch: bool = True, log: Callable[[str], None] | None = N
         raise FileNotFoundError(f"llama.cpp source tree missing at {src}: {SETUP_HINT}")
     home = llamacpp_home()
     home.mkdir(parents=True, exist_ok=True)
-    with _locked(home / ".lock"):
+    with locked(home / ".lock"):
         if (src / "SOURCE.json").is_file():  # another process fetched it while we waited
             return src
         return _fetch_source(home, log or (lambda msg: print(f"nexlab: {msg}", file=sys.stderr)))
@@ -371,7 +360,7 @@ def build_tools(*, jobs: int | None = None, force: bool = False, log: Callable[[
         raise FileNotFoundError("cmake not found: llama.cpp's tools are built with cmake (and a C/C++ compiler); "
                                 "install it (e.g. `apt-get install cmake build-essential`, or conda's cmake and compilers)")
     jobs = int(jobs or os.cpu_count() or 2)
-    with _locked(home / ".lock"):
+    with locked(home / ".lock"):
         if not force and not missing_tools():
             return json.loads((bin_dir / "BUILD.json").read_text())
         t0 = time.perf_counter()

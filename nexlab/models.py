@@ -31,9 +31,7 @@ ModelOpt's semantics (``nexlab.nvfp4.quantize_nvfp4_modelopt``), streaming layer
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import os
 import re
@@ -43,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint
-from .fileio import atomic_directory, atomic_write_text
+from .fileio import atomic_directory, atomic_write_text, locked
 from .config import parameter_counts, slice_config, tiny_config, to_transformers, validate_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -80,18 +78,6 @@ def tiny_paths(artifacts_dir: str | os.PathLike | None = None) -> dict[str, Path
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock (several helpers/tests may build the same artifacts at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
@@ -332,7 +318,7 @@ def ensure_tiny(artifacts_dir: str | os.PathLike | None = None, smoke: bool = Fa
 
     if usable(_read_build(p)):  # fast path: no lock, so readers never wait for a rebuild in progress
         return p
-    with _locked(p["artifacts"] / "tiny.lock"):
+    with locked(p["artifacts"] / "tiny.lock"):
         if usable(_read_build(p)):
             return p
         t0 = time.perf_counter()
@@ -603,7 +589,7 @@ def ensure_slice(artifacts_dir: str | os.PathLike | None = None, *, vocab_size: 
     a = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     out = a / "slice" / "nvfp4"
     vocab = vocab_size or SLICE_DEFAULT_VOCAB
-    with _locked(a / "slice.lock"):
+    with locked(a / "slice.lock"):
         try:
             cfg = json.loads((out / "config.json").read_text())
             if cfg["text_config"]["vocab_size"] == vocab and (out / "model.safetensors.index.json").is_file():
