@@ -353,7 +353,7 @@ def estimate(model: Q.HParams | str | Path, variant: str | None = "q4_k_m", n_ct
     else:
         specs = Q.tensor_plan(model, variant or "bf16", nvfp4=nvfp4_scope)
         header = _estimated_header_nbytes(model, specs, variant or "bf16")
-        wbytes, fbytes, exact = weights_bytes(specs), header + sum(pad(s.nbytes, 32) for s in specs), False
+        wbytes, fbytes, exact = weights_bytes(specs), header + sum(pad(s.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for s in specs), False
     if mmproj_bytes is None:
         if not model.vision:
             raise ValueError(f"{model.name} has no vision config: pass mmproj_bytes explicitly")
