@@ -215,8 +215,7 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
                 used.update(m + s for s in (".weight",) + Q.NVFP4_SIDECARS)
 
             def produce(mods=mods, spec=spec):
-                n_exp, rows, cols = spec.shape
-                stacked = np.empty((n_exp, rows, cols // 64 * 36), dtype=np.uint8)
+                stacked = np.empty(spec.nbytes, dtype=np.uint8).reshape(spec.shape[0], spec.shape[1], -1)
                 for k, m in enumerate(mods):
                     repack_nvfp4_module(ck, m, cfg, out=stacked[k])
                 return stacked
@@ -224,7 +223,7 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
             plan.append(PlannedTensor(spec, produce, tuple(m + ".weight" for m in mods)))
         elif spec.stacked:
             layer, proj = spec.layer, hf.rsplit(".", 1)[1]
-            per_expert = spec.shape[1:] if len(spec.shape) == 3 else spec.shape
+            per_expert = spec.shape[1:]  # stacked: [n_expert, out, in]
             if ck.experts_fused(layer):
                 p = f"model.layers.{layer}.mlp.experts."
                 gu, dn = p + "gate_up_proj", p + "down_proj"

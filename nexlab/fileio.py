@@ -54,6 +54,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def replace_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` onto ``final``; an existing ``final`` is moved aside first
+    and deleted after the swap, so a crash leaves either the old folder or the new one, never a mix."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.parent / f".{final.name}.old.{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole.
@@ -70,13 +83,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o666 & ~_umask())
-        if final.exists():
-            old = final.parent / f".{final.name}.old.{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

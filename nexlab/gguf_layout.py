@@ -39,6 +39,14 @@ def make_writer(arch: str, add_metadata: Callable[[Any], None], tensors: Iterabl
     return w
 
 
+def kv_nbytes(writer, key: str, value, vtype, sub_type=None) -> int:
+    """Bytes of one key/value pair as ``write_kv_data_to_file`` packs it (gguf-py's own ``_pack_val``)."""
+    import gguf  # noqa: PLC0415
+
+    return (len(writer._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
+            + len(writer._pack_val(value, vtype, add_vtype=True, sub_type=sub_type)))
+
+
 def header_nbytes(writer) -> int:
     """Bytes before the first tensor's data (header, key/values, tensor infos, padding), packed with
     gguf-py's own ``_pack_val`` exactly as ``write_kv_data_to_file`` / ``write_ti_data_to_file`` do."""
@@ -49,8 +57,7 @@ def header_nbytes(writer) -> int:
     S = gguf.GGUFValueType.STRING
     n = 4 + 4 + 8 + 8
     for key, val in writer.kv_data[0].items():
-        n += len(writer._pack_val(key, S, add_vtype=False))
-        n += len(writer._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
+        n += kv_nbytes(writer, key, val.value, val.type, val.sub_type)
     for name, ti in writer.tensors[0].items():
         n += len(writer._pack_val(name, S, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
     return pad(n, writer.data_alignment)

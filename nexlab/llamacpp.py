@@ -48,7 +48,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from nexlab.fileio import locked
+from nexlab.fileio import locked, replace_directory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,15 +114,10 @@ def check_llama_cpp_python_version() -> str:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished folder ``tmp`` onto ``final`` (an existing ``final`` is moved aside, then removed)."""
+    """Rename the finished folder ``tmp`` onto ``final`` (:func:`nexlab.fileio.replace_directory`),
+    readable by all; file modes inside are kept (the tools stay executable)."""
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, final)
 
 
 def _patch_converter(src: Path) -> None:

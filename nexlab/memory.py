@@ -45,7 +45,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
 from nexlab import qwen35moe as Q
-from nexlab.gguf_layout import header_nbytes, make_writer, pad
+from nexlab.gguf_layout import header_nbytes, kv_nbytes, make_writer, pad
 from nexlab.vision import mmproj_size
 
 __all__ = [
@@ -147,8 +147,7 @@ def gguf_file_size_from_gguf(path: str | Path, variant: str | None = None,
         specs = Q.quantized_layout(specs, variant, Q.hparams_from_gguf(reader, name=Path(path).name))
     dropped_dims = dims_before - sum(len(s.shape) for s in specs)
     w = gguf.GGUFWriter(path=None, arch=Q.ARCH)  # gguf-py's packer sizes the extra key/values
-    extra = sum(len(w._pack_val(k, VT.STRING, add_vtype=False)) + len(w._pack_val(v, t, add_vtype=True, sub_type=st))
-                for k, v, t, st in extra_metadata) - 8 * dropped_dims
+    extra = sum(kv_nbytes(w, k, v, t, st) for k, v, t, st in extra_metadata) - 8 * dropped_dims
     header = pad(_unpadded_header_end(reader) + extra, align)
     return {"file_bytes": header + sum(pad(s.nbytes, align) for s in specs), "header_bytes": header,
             "weights_bytes": weights_bytes(specs), "specs": specs, "alignment": align}
