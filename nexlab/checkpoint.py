@@ -271,7 +271,7 @@ class Checkpoint:
             f = open(e.shard, "rb")  # noqa: SIM115 - closed in close()
             self._handles[e.shard] = f
         n = e.nbytes
-        buf = bytearray(n)
+        buf = np.empty(n, dtype=np.uint8)  # not zero-filled: every byte is read below
         if n:
             got = os.preadv(f.fileno(), [buf], e.data_start + e.offsets[0]) if hasattr(os, "preadv") else None
             if got is None:
@@ -284,7 +284,7 @@ class Checkpoint:
             raise TypeError(f"tensor {e.key!r}: unsupported safetensors dtype {e.dtype}")
         if n == 0:
             return torch.empty(e.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)
+        return torch.from_numpy(buf).view(dtype).reshape(e.shape)
 
     def close(self) -> None:
         for f in self._handles.values():

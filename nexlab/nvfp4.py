@@ -447,24 +447,56 @@ def repack_modelopt_to_ggml(weight: Any, weight_scale: Any, *, name: str | None 
         )
     if np.any((sb & 0x7F) == 0x7F):
         raise ValueError(f"{_label(name, 'weight_scale')}: contains NaN scale bytes (0x7F/0xFF)")
-    # Byte shuffle without unpacking: in a 16-value group ModelOpt byte t holds values 2t / 2t+1
-    # (low / high nibble); ggml byte j holds values j / j+8. With A = ModelOpt bytes 0..3 and
-    # B = bytes 4..7 of the group, ggml byte 2t = lo(A[t]) | lo(B[t]) << 4 and ggml byte 2t+1 =
-    # hi(A[t]) | hi(B[t]) << 4.
     nb = n // GGML_NVFP4_BLOCK
     shape = wq.shape[:-1] + (nb * GGML_NVFP4_BYTES,)
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"{_label(name, 'out')}: expected a C-contiguous uint8 array of shape {shape}")
-    rows = wq.reshape(-1, nb, 4, 2, 4)  # [row, block, group, A|B, t]
-    blocks = out.reshape(rows.shape[0], nb, GGML_NVFP4_BYTES)
-    blocks[..., :4] = sb.reshape(-1, nb, 4) & 0x7F
-    q = blocks[..., 4:].reshape(rows.shape[0], nb, 4, 4, 2)  # [row, block, group, t, even|odd]
-    a, b = rows[..., 0, :], rows[..., 1, :]
-    q[..., 0] = (a & 0x0F) | (b << 4)
-    q[..., 1] = (a >> 4) | (b & 0xF0)
+    # A ggml block is 9 little-endian uint32 words: the 4 scale bytes, then 4 groups of 8 code bytes.
+    words = out.reshape(-1).view(np.uint32).reshape(-1, 9)
+    words[:, 0] = np.ascontiguousarray(sb).reshape(-1).view(np.uint32) & np.uint32(0x7F7F7F7F)
+    _shuffle_nibbles(np.ascontiguousarray(wq).reshape(-1).view(np.uint64), words[:, 1:])
     return out
+
+
+_U64 = np.uint64
+_LO_NIBBLES = _U64(0x0F0F0F0F0F0F0F0F)
+
+
+def _shuffle_nibbles(groups: np.ndarray, dst: np.ndarray, step: int = 1 << 15) -> None:
+    """ModelOpt's adjacent-pair nibbles -> ggml's split halves, one 16-value group per uint64.
+
+    In a group (8 bytes, little-endian) ModelOpt byte t holds values 2t / 2t+1 (low / high
+    nibble); ggml byte j holds values j / j+8. With A = bytes 0..3 and B = bytes 4..7, ggml byte
+    2t = lo(A[t]) | lo(B[t]) << 4 and byte 2t+1 = hi(A[t]) | hi(B[t]) << 4. On a uint64 ``v``:
+    ``E = lo32(L) | hi32(L) << 4`` with ``L = v & 0x0F..`` puts ggml's even bytes in E's bytes
+    0..3 (``O`` likewise from the high nibbles), and spreading E's bytes to the even and O's to
+    the odd byte positions gives the ggml group. Works in cache-sized pieces of ``step`` groups
+    with preallocated temporaries (about 4x faster than byte-wise strided numpy); ``dst`` is
+    ``[n_groups / 4, 8]`` uint32 (the code words of each block).
+    """
+    L, H, T = (np.empty(step, _U64) for _ in range(3))
+    for i in range(0, groups.size, step):
+        v = groups[i:i + step]
+        k = v.size
+        lo, hi, t = L[:k], H[:k], T[:k]
+        np.bitwise_and(v, _LO_NIBBLES, out=lo)
+        np.right_shift(v, _U64(4), out=hi)
+        np.bitwise_and(hi, _LO_NIBBLES, out=hi)
+        for a in (lo, hi):  # a = lo32(a) | hi32(a) << 4 (bits 28..31 of a are zero)
+            np.right_shift(a, _U64(28), out=t)
+            np.bitwise_and(a, _U64(0xFFFFFFFF), out=a)
+            np.bitwise_or(a, t, out=a)
+            np.left_shift(a, _U64(16), out=t)  # spread bytes 0..3 to bytes 0, 2, 4, 6
+            np.bitwise_or(a, t, out=a)
+            np.bitwise_and(a, _U64(0x0000FFFF0000FFFF), out=a)
+            np.left_shift(a, _U64(8), out=t)
+            np.bitwise_or(a, t, out=a)
+            np.bitwise_and(a, _U64(0x00FF00FF00FF00FF), out=a)
+        np.left_shift(hi, _U64(8), out=hi)
+        np.bitwise_or(lo, hi, out=lo)
+        dst[i // 4:(i + k) // 4] = lo.view(np.uint32).reshape(-1, 8)
 
 
 # --------------------------------------------------------------------------- MXFP4 (ggml)
