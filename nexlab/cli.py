@@ -20,6 +20,7 @@ _SUBCOMMAND_MODULES = (
     "nexlab.imatrix",       # nexlab imatrix
     "nexlab.memory",        # nexlab memory
     "nexlab.llamacpp",      # nexlab setup
+    "nexlab.synth",         # nexlab synth
 )
 
 
