@@ -19,10 +19,24 @@ Numerics: logits arrive as float32 from llama.cpp; log-softmax, KL and NLL are c
 with the max-subtracted log-sum-exp, so rounding stays orders of magnitude below the differences
 measured (a file compared with itself gives exactly 0 because the logits are bitwise equal).
 KL uses ``sum p_ref * (log p_ref - log p_var)``, the same direction as llama-perplexity
-(the base model's distribution is P). Perplexity is ``exp(mean NLL)`` over all scored positions.
+(the base model's distribution is P). Perplexity is ``exp(mean NLL)`` over all scored positions; with
+``score_from = chunk_size // 2`` it equals llama-perplexity's on the same ids to its printed 4 decimals,
+when llama-perplexity runs one chunk per batch and without flash attention (``-b``/``-ub`` = ``-c``,
+``-fa off``): llama-cpp-python opens contexts without it, and llama-perplexity's default ``-fa auto``
+turns it on for the CPU, which moves the tiny model's perplexity by about 3e-4 relative (rounding of a
+different attention kernel).
 
-Memory: the reference's log-probabilities are held as float64 ``[n_chunks, chunk_size, n_vocab]``
-(the tiny model, 2048-token vocabulary, 8 chunks of 256: 34 MB).
+Memory: :func:`evaluate_variants` streams. Every file is opened at once (llama.cpp memory-maps the
+weights, so a file costs address space, not RAM), and each chunk is evaluated by the reference and
+then by every variant before the next chunk starts; a chunk's logits are compared and dropped at
+once. What is held does not depend on the number of chunks: the reference's float64
+log-probabilities of one chunk (``(chunk_size - 1 - score_from) * n_vocab * 8`` bytes; Nex-N2-mini,
+vocabulary 248320, 512-token chunks scored from 256: 0.5 GB); float64 temporaries cut into row
+blocks of at most 64 MiB per array (a few live at once); per open file, llama-cpp-python's float32
+score buffer and llama.cpp's output buffer (``chunk_size * n_vocab * 4`` bytes each: 0.5 GB each at
+512 tokens); and per scored position KL, NLL, top-1 agreement and the change of the true token's
+probability (25 bytes), which the median and 99th percentile need. :func:`gguf_logits` and
+:func:`compare_to_reference` are the whole-array forms for small inputs.
 """
 
 from __future__ import annotations
@@ -123,15 +137,27 @@ def open_gguf(path: str | os.PathLike, n_ctx: int, *, n_threads: int = 2):
     return open_model(path, n_ctx, n_threads=n_threads, n_batch=n_ctx)
 
 
-def _chunk_logits(llm, chunk: np.ndarray) -> np.ndarray:
+def _eval_chunk(llm, chunk: np.ndarray) -> np.ndarray:
+    """float32 logits ``[chunk_size, n_vocab]`` of one chunk from an empty context.
+
+    A view of the model's score buffer: valid until the next evaluation of the same model.
+    """
     llm.reset()
     llm.eval(chunk.tolist())
-    return np.array(llm.scores[: chunk.size], dtype=np.float32)
+    return llm.scores[: chunk.size]
+
+
+def _chunk_logits(llm, chunk: np.ndarray) -> np.ndarray:
+    return np.array(_eval_chunk(llm, chunk), dtype=np.float32)
 
 
 def gguf_logits(path: str | os.PathLike, chunks: np.ndarray, *, n_threads: int = 2,
                 progress: bool = False) -> np.ndarray:
-    """float32 logits ``[n_chunks, chunk_size, n_vocab]`` llama.cpp computes for each chunk (fresh context)."""
+    """float32 logits ``[n_chunks, chunk_size, n_vocab]`` llama.cpp computes for each chunk (fresh context).
+
+    Holds every chunk's logits at once (``n_chunks * chunk_size * n_vocab * 4`` bytes): for small
+    inputs and tests; :func:`evaluate_variants` streams instead.
+    """
     from nexlab.progress import progress as bar  # noqa: PLC0415
 
     chunks = np.asarray(chunks)
@@ -171,23 +197,40 @@ def score_logits(logits: np.ndarray, chunks: np.ndarray, score_from: int = 0) ->
     return -np.take_along_axis(lp, tgt[..., None].astype(np.int64), axis=-1)[..., 0]
 
 
+# float64 work arrays are cut into row blocks of at most this many bytes (vocabulary 248320: 33 rows)
+_BLOCK_BYTES = 64 << 20
+
+
+def _row_blocks(n_rows: int, n_vocab: int):
+    step = max(1, _BLOCK_BYTES // (8 * max(n_vocab, 1)))
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def _compare_rows(lp: np.ndarray, logits: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, ...]:
+    """KL, NLL, equal argmax, dp for rows of reference log-probabilities ``lp`` (float64) and variant
+    logits over the same positions; ``tgt`` the true next tokens. Every figure is computed row by row,
+    so a block of rows gives the same bits as the whole array."""
+    lq = log_softmax(logits)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    idx = tgt[..., None].astype(np.int64)
+    lq_t = np.take_along_axis(lq, idx, axis=-1)[..., 0]
+    lp_t = np.take_along_axis(lp, idx, axis=-1)[..., 0]
+    return kl, -lq_t, lp.argmax(-1) == lq.argmax(-1), np.exp(lq_t) - np.exp(lp_t)
+
+
 def compare_to_reference(ref_logp: np.ndarray, logits: np.ndarray, chunks: np.ndarray, score_from: int = 0) -> dict:
     """Per-position arrays of one variant against the reference's log-probabilities.
 
     ``ref_logp``: reference log-softmax over the scored positions ``[n_chunks, m, n_vocab]``;
     ``logits``: the variant's raw logits ``[n_chunks, chunk_size, n_vocab]``. Returns ``kl``, ``nll``,
-    ``top1_same`` (bool), ``dp`` (p_variant(true) - p_ref(true)), each ``[n_chunks, m]``.
+    ``top1_same`` (bool), ``dp`` (p_variant(true) - p_ref(true)), each ``[n_chunks, m]``. The
+    whole-array form of what :func:`evaluate_variants` computes chunk by chunk.
     """
     pos, tgt = _targets(np.asarray(chunks), score_from)
     if logits.shape[-1] != ref_logp.shape[-1]:
         raise ValueError(f"vocabulary sizes differ: reference {ref_logp.shape[-1]}, variant {logits.shape[-1]}")
-    lq = log_softmax(logits[:, pos])
-    lp = np.asarray(ref_logp, dtype=np.float64)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    idx = tgt[..., None].astype(np.int64)
-    lq_t = np.take_along_axis(lq, idx, axis=-1)[..., 0]
-    lp_t = np.take_along_axis(lp, idx, axis=-1)[..., 0]
-    return {"kl": kl, "nll": -lq_t, "top1_same": lp.argmax(-1) == lq.argmax(-1), "dp": np.exp(lq_t) - np.exp(lp_t)}
+    kl, nll, same, dp = _compare_rows(np.asarray(ref_logp, dtype=np.float64), logits[:, pos], tgt)
+    return {"kl": kl, "nll": nll, "top1_same": same, "dp": dp}
 
 
 @dataclass
@@ -249,10 +292,14 @@ def evaluate_variants(files: Mapping[str, str | os.PathLike], tokens: Sequence[i
                       score_from: int = 0, n_threads: int = 2, progress: bool = True) -> QualityReport:
     """Run every GGUF in ``files`` ({name: path}) on the same held-out ``tokens`` and compare to ``reference``.
 
-    ``reference`` (default: the first name, e.g. ``"NVFP4-BF16"``) is evaluated first; the others are
-    compared position by position with it. Files are checked before anything runs (missing file,
-    unknown reference, too few tokens -> FileNotFoundError/ValueError naming it). One progress bar
-    over variants x chunks. n_ctx = n_batch = chunk_size, ``n_threads`` llama.cpp threads.
+    ``reference`` (default: the first name, e.g. ``"NVFP4-BF16"``) is compared position by position
+    with every file, itself included. Files are checked before anything runs (missing file, unknown
+    reference, too few tokens, a token outside a file's vocabulary, vocabularies of different sizes ->
+    FileNotFoundError/ValueError naming it). Streams (module docstring, Memory): all files are open at
+    once, each chunk is evaluated by the reference and then by the others, compared, and dropped, so
+    memory does not grow with ``n_chunks``; the figures equal :func:`gguf_logits` +
+    :func:`compare_to_reference` on whole arrays bit for bit. One progress bar over variants x chunks.
+    n_ctx = n_batch = chunk_size, ``n_threads`` llama.cpp threads per file.
     """
     from nexlab.progress import progress as bar  # noqa: PLC0415
 
@@ -265,37 +312,50 @@ def evaluate_variants(files: Mapping[str, str | os.PathLike], tokens: Sequence[i
     for p in files.values():
         check_gguf_path(p)
     chunks = chunk_tokens(tokens, chunk_size, n_chunks)
-    _targets(chunks, score_from)
+    pos, targets = _targets(chunks, score_from)
     order = [reference] + [k for k in files if k != reference]
-    pbar = bar(total=len(order) * len(chunks), desc="llama.cpp eval") if progress else None
-    ref_logp = None
-    out: dict[str, VariantQuality] = {}
-    ref_ppl = None
-    pos = slice(score_from, chunk_size - 1)
+    models: dict[str, object] = {}
+    per: dict[str, dict[str, list]] = {name: {"kl": [], "nll": [], "top1_same": [], "dp": []} for name in order}
+    pbar = None
     try:
         for name in order:
-            if pbar is not None:
-                pbar.set_description(f"llama.cpp eval {name}")
-            llm = open_gguf(files[name], chunk_size, n_threads=n_threads)
-            try:
-                _check_vocab(llm, chunks, files[name])
-                logits = []
-                for c in chunks:
-                    logits.append(_chunk_logits(llm, c))
-                    if pbar is not None:
-                        pbar.update(1)
-                logits = np.stack(logits)
-            finally:
-                llm.close()
-            if ref_logp is None:
-                ref_logp = log_softmax(logits[:, pos])
-            cmp = compare_to_reference(ref_logp, logits, chunks, score_from)
-            out[name] = _summarise(name, files[name], cmp, ref_ppl)
-            if ref_ppl is None:
-                ref_ppl = out[name].ppl
+            models[name] = open_gguf(files[name], chunk_size, n_threads=n_threads)
+            n_vocab = _check_vocab(models[name], chunks, files[name])
+            if name == reference:
+                ref_vocab = n_vocab
+            elif n_vocab != ref_vocab:
+                raise ValueError(f"vocabulary sizes differ: reference {files[reference]} has {ref_vocab} tokens, "
+                                 f"{files[name]} has {n_vocab}")
+        blocks = _row_blocks(pos.stop - pos.start, ref_vocab)
+        pbar = bar(total=len(order) * len(chunks), desc="llama.cpp eval") if progress else None
+        for i, chunk in enumerate(chunks):
+            tgt = targets[i]
+            ref_lp = None
+            for name in order:
+                if pbar is not None:
+                    pbar.set_description(f"llama.cpp eval chunk {i + 1}/{len(chunks)} {name}")
+                logits = _eval_chunk(models[name], chunk)[pos]  # a view, consumed before this model runs again
+                if ref_lp is None:  # the reference's log-probabilities of this chunk, once
+                    ref_lp = np.empty(logits.shape, dtype=np.float64)
+                    for b in blocks:
+                        ref_lp[b] = log_softmax(logits[b])
+                parts = [_compare_rows(ref_lp[b], logits[b], tgt[b]) for b in blocks]
+                for key, arrays in zip(("kl", "nll", "top1_same", "dp"), zip(*parts)):
+                    per[name][key].append(np.concatenate(arrays))
+                if pbar is not None:
+                    pbar.update(1)
     finally:
         if pbar is not None:
             pbar.close()
+        for llm in models.values():
+            llm.close()
+    out: dict[str, VariantQuality] = {}
+    ref_ppl = None
+    for name in order:
+        cmp = {k: np.stack(v) for k, v in per.pop(name).items()}
+        out[name] = _summarise(name, files[name], cmp, ref_ppl)
+        if ref_ppl is None:
+            ref_ppl = out[name].ppl
     return QualityReport(reference, chunk_size, len(chunks), score_from, out)
 
 

@@ -2,11 +2,15 @@
 
 The oracles are independent of nexlab.quality: raw logits straight from ``llama_cpp.Llama`` in a
 context of our own, scipy's log_softmax / rel_entr, the ``tokenizers`` library reading the
-checkpoint's tokenizer.json, and llama.cpp's own GGUF tokenizer.
+checkpoint's tokenizer.json, llama.cpp's own GGUF tokenizer, and llama.cpp's ``llama-perplexity``
+tool (built by ``nexlab setup``) for the perplexity.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
+import tracemalloc
 from pathlib import Path
 
 import llama_cpp
@@ -158,6 +162,119 @@ def test_score_from_scores_the_second_half_like_llama_perplexity(tiny, report):
     assert np.array_equal(r.variants["NVFP4-BF16"].nll, full[:, CHUNK // 2:])
 
 
+# --------------------------------------------------------------------------- streaming
+
+
+def test_streamed_figures_equal_the_whole_array_computation_bit_for_bit(tiny, monkeypatch):
+    """evaluate_variants (chunk by chunk, row blocks) == gguf_logits + compare_to_reference on whole arrays.
+
+    The row blocks are shrunk to 5 rows (uneven last block) so the blocked path runs on the tiny model.
+    """
+    n_chunks, score_from = 2, CHUNK // 3
+    chunks = Q.chunk_tokens(tiny["tokens"], CHUNK, n_chunks)
+    n_vocab = Q.gguf_logits(tiny["files"]["NVFP4-BF16"], chunks[:1], n_threads=THREADS).shape[-1]
+    monkeypatch.setattr(Q, "_BLOCK_BYTES", 5 * 8 * n_vocab)
+    assert len(Q._row_blocks(CHUNK - 1 - score_from, n_vocab)) > 2
+    r = Q.evaluate_variants(tiny["files"], tiny["tokens"], reference="NVFP4-BF16", chunk_size=CHUNK,
+                            n_chunks=n_chunks, score_from=score_from, n_threads=THREADS, progress=False)
+    whole = {name: Q.gguf_logits(path, chunks, n_threads=THREADS) for name, path in tiny["files"].items()}
+    ref_lp = Q.log_softmax(whole["NVFP4-BF16"][:, score_from:-1])
+    for name, logits in whole.items():
+        cmp = Q.compare_to_reference(ref_lp, logits, chunks, score_from)
+        v = r.variants[name]
+        assert v.kl.shape == v.nll.shape == (n_chunks, CHUNK - 1 - score_from)
+        assert np.array_equal(v.kl, cmp["kl"]) and np.array_equal(v.nll, cmp["nll"]), name
+        assert v.top1_agreement == cmp["top1_same"].mean()
+        assert v.rms_dp == np.sqrt(np.mean(cmp["dp"] ** 2))
+        assert v.kl_median == np.median(cmp["kl"]) and v.kl_p99 == np.percentile(cmp["kl"], 99)
+        assert v.ppl == np.exp(cmp["nll"].mean())
+    assert r.variants["NVFP4-Q4_K_M"].kl_mean > 0  # the comparison is not against itself
+
+
+def test_memory_does_not_grow_with_the_number_of_chunks(tiny):
+    """Peak traced memory (numpy registers its buffers with tracemalloc) of 6 chunks vs 2 chunks.
+
+    Holding the logits or log-probabilities of every chunk, as a whole-array evaluation does, costs at
+    least CHUNK * n_vocab * 4 bytes per extra chunk and file; streaming may only add the per-position
+    result arrays (kl, nll, dp float64, top-1 bool) with room for their copies in the summary.
+    """
+    files = {k: tiny["files"][k] for k in ("NVFP4-BF16", "NVFP4-Q4_K_M")}
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        try:
+            Q.evaluate_variants(files, tiny["tokens"], chunk_size=CHUNK, n_chunks=n, n_threads=THREADS,
+                                progress=False)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    n_vocab = Q.gguf_logits(files["NVFP4-BF16"], Q.chunk_tokens(tiny["tokens"], CHUNK, 1),
+                            n_threads=THREADS).shape[-1]
+    peak(1)  # one-time allocations (imports, caches) happen outside the measurement
+    p2, p6 = peak(2), peak(6)
+    one_chunk = (CHUNK - 1) * n_vocab * 8  # one chunk's float64 reference log-probabilities
+    assert p2 > one_chunk  # the reference log-probabilities of a chunk are seen by tracemalloc
+    allowance = (6 - 2) * (CHUNK - 1) * (8 + 8 + 8 + 1) * len(files) * 4 + (64 << 10)
+    assert allowance < CHUNK * n_vocab * 4  # smaller than one chunk of one file's float32 logits
+    assert p6 - p2 < allowance, (p2, p6)
+
+
+# --------------------------------------------------------------------------- llama-perplexity
+
+
+def _llama_perplexity_ids(path, text: str, n_tokens: int, chunk_size: int) -> np.ndarray:
+    """The ids llama-perplexity evaluates: ``-f`` drops one trailing newline, the text is tokenized by
+    llama.cpp with special tokens added (BOS only where the vocabulary asks for it), and the first token
+    of every chunk is replaced by BOS when the vocabulary adds one."""
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        prompt = text[:-1] if text.endswith("\n") else text
+        ids = np.asarray(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False), np.int32)[:n_tokens]
+        if add_bos:
+            ids.reshape(-1, chunk_size)[:, 0] = llama_cpp.llama_vocab_bos(vocab)
+    finally:
+        llm.close()
+    return ids
+
+
+@pytest.mark.parametrize("label", ["NVFP4-BF16", "NVFP4-Q8_0", "NVFP4-Q4_K_M"])
+def test_perplexity_equals_llama_perplexity(tiny, tmp_path, label):
+    """nexlab's perplexity with score_from = chunk_size // 2 == llama-perplexity's on the same file and text.
+
+    llama-perplexity runs one chunk per batch (-b = -ub = -c, n_seq = 1), one thread, and flash attention
+    off (-fa off) as llama-cpp-python opens its contexts: its default, -fa auto, turns flash attention on
+    for the CPU and moves the tiny model's perplexity by about 3e-4 relative (float rounding of a
+    different attention kernel). It prints the running perplexity after each chunk with 4 decimals.
+    """
+    from nexlab.llamacpp import tool_path
+
+    path, n_chunks = tiny["files"][label], 3
+    text_file = tmp_path / "heldout.txt"
+    text_file.write_text(tiny["text"], encoding="utf-8")
+    run = subprocess.run([str(tool_path("llama-perplexity")), "-m", str(path), "-f", str(text_file),
+                          "-c", str(CHUNK), "-b", str(CHUNK), "-ub", str(CHUNK), "--chunks", str(n_chunks),
+                          "-t", str(THREADS), "-fa", "off"], capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert f"over {n_chunks} chunks, n_ctx={CHUNK}, batch_size={CHUNK}, n_seq=1" in log, log[-3000:]
+    running = [float(x) for x in re.findall(r"\[\d+\](\d+\.\d{4}),", run.stdout)]
+    final = float(re.search(r"Final estimate: PPL = (\d+\.\d+)", log).group(1))
+    assert len(running) == n_chunks and running[-1] == final
+
+    ids = _llama_perplexity_ids(path, tiny["text"], n_chunks * CHUNK, CHUNK)
+    r = Q.evaluate_variants({label: path}, ids, chunk_size=CHUNK, n_chunks=n_chunks, score_from=CHUNK // 2,
+                            n_threads=THREADS, progress=False)
+    v = r.variants[label]
+    assert v.n_scored == n_chunks * (CHUNK - 1 - CHUNK // 2)  # llama-perplexity's count: n_ctx - 1 - n_ctx/2
+    ours = [float(np.exp(v.nll[: i + 1].mean())) for i in range(n_chunks)]
+    assert ours[-1] == v.ppl
+    # printed to 4 decimals; the rest is float32-vs-float64 log-softmax rounding, far below the 3e-4 of -fa auto
+    assert ours == pytest.approx(running, rel=1e-6, abs=5e-5)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -194,6 +311,34 @@ def test_token_outside_the_vocabulary_is_refused_before_llama_runs(tiny):
     bad = np.full(64, 10**6, np.int32)
     with pytest.raises(ValueError, match="outside the vocabulary .*tokenizer and model do not match"):
         Q.evaluate_variants({"ref": tiny["files"]["NVFP4-BF16"]}, bad, chunk_size=64, progress=False)
+
+
+def test_files_with_different_vocabularies_are_refused_before_llama_runs(tiny, monkeypatch):
+    real_open = Q.open_gguf
+
+    class OneTokenShort:
+        def __init__(self, llm):
+            self.llm = llm
+
+        def n_vocab(self):
+            return self.llm.n_vocab() - 1
+
+        def eval(self, tokens):
+            raise AssertionError("a file was evaluated before the vocabularies were checked")
+
+        def close(self):
+            self.llm.close()
+
+    def open_short(path, n_ctx, **kw):
+        llm = real_open(path, n_ctx, **kw)
+        return OneTokenShort(llm) if path == tiny["files"]["NVFP4-Q8_0"] else llm
+
+    monkeypatch.setattr(Q, "open_gguf", open_short)
+    files = {k: tiny["files"][k] for k in ("NVFP4-BF16", "NVFP4-Q8_0")}
+    with pytest.raises(ValueError, match=r"vocabulary sizes differ: reference .*BF16.gguf has \d+ tokens, "
+                                         r".*Q8_0.gguf has \d+"):
+        Q.evaluate_variants(files, tiny["tokens"], chunk_size=CHUNK, n_chunks=1, n_threads=THREADS,
+                            progress=False)
 
 
 def test_non_finite_logits_are_refused():
