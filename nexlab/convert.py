@@ -30,7 +30,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +50,7 @@ from nexlab.nvfp4 import (dequantize_nvfp4_ggml, dequantize_nvfp4_modelopt, repa
                           unpack_nibbles_adjacent, unpack_nvfp4_ggml)
 from nexlab.progress import progress
 from nexlab.quantize import quantize_tensor
+from nexlab.tokenizer import pretokenizer_name
 
 ARCH = Q.ARCH
 VARIANTS = Q.VARIANTS
@@ -272,20 +275,38 @@ def _tok_content(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def tokenizer_metadata(tok_dir: Path, vocab_size: int, config: dict) -> dict[str, Any]:
+def check_tokenizer_pre(name) -> str:
+    """``name`` if it can be a llama.cpp pre-tokenizer name (``tokenizer.ggml.pre``), else ValueError.
+
+    llama.cpp's names are lower case letters, digits and ``. _ -`` (``qwen35``, ``gpt-2``,
+    ``a.x-4.0``); whether llama.cpp knows the name is checked when it loads the file.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
+        raise ValueError(f"tokenizer_pre (--tokenizer-pre) must be a llama.cpp pre-tokenizer name such as "
+                         f"qwen35, qwen2 or gpt-2, got {name!r}")
+    return name
+
+
+def tokenizer_metadata(tok_dir: Path, vocab_size: int, config: dict, *,
+                       tokenizer_pre: str | None = None) -> dict[str, Any]:
     """gpt2-style BPE vocabulary for llama.cpp from a Hugging Face ``tokenizer.json``.
 
     Tokens are the byte-level BPE strings by id, padded to ``vocab_size`` with ``[PAD{i}]``
     (type UNUSED) like llama.cpp's converter; added tokens are CONTROL when special, else
-    USER_DEFINED; merges as ``"a b"`` strings. ``tokenizer.ggml.pre`` is ``"qwen2"``: the Qwen2
-    pre-tokenizer regex llama.cpp applies to byte-level BPE vocabularies it does not recognise by
-    hash (what the reference converter falls back to for self-made tokenizers).
+    USER_DEFINED; merges as ``"a b"`` strings. ``pre`` (``tokenizer.ggml.pre``) is the llama.cpp
+    pre-tokenizer that splits text as the tokenizer's own pre-tokenizer does
+    (:func:`nexlab.tokenizer.pretokenizer_name`: ``qwen35`` for Qwen3.5's and Nex-N2-mini's,
+    ``qwen2``, ``gpt-2``), or ``tokenizer_pre`` when given (an unrecognised pre-tokenizer is an
+    error that points to it). llama.cpp's converter finds the name from a hash of the tokens of a
+    test string instead, which only published tokenizers match.
     """
     T = _gguf().TokenType
     tj = json.loads((tok_dir / "tokenizer.json").read_text())
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{tok_dir}/tokenizer.json: model type {model.get('type')!r}, expected byte-level BPE")
+    pre = (check_tokenizer_pre(tokenizer_pre) if tokenizer_pre is not None
+           else pretokenizer_name(tok_dir / "tokenizer.json"))
     vocab: dict[str, int] = dict(model["vocab"])
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     for i, a in added.items():
@@ -311,7 +332,7 @@ def tokenizer_metadata(tok_dir: Path, vocab_size: int, config: dict) -> dict[str
             special[typ] = vocab[content]
         elif isinstance(config.get(f"{typ}_token_id"), int):
             special[typ] = config[f"{typ}_token_id"]
-    return {"tokens": tokens, "types": types.tolist(), "merges": merges, "special": special,
+    return {"pre": pre, "tokens": tokens, "types": types.tolist(), "merges": merges, "special": special,
             "add_bos": tc.get("add_bos_token"), "add_eos": tc.get("add_eos_token")}
 
 
@@ -329,7 +350,7 @@ def _general_metadata(w, *, name: str, license: str, quantized_by: str, source_u
 
 def _tokenizer_gguf_metadata(w, tok: dict, template: str | None) -> None:
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
     w.add_token_merges(tok["merges"])
@@ -371,9 +392,10 @@ class ConversionPlan:
 def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = "fixed", *,
                     tokenizer_dir: str | os.PathLike | None = None, name: str | None = None,
                     license: str = "apache-2.0", quantized_by: str = "nexlab", source_url: str | None = None,
-                    imatrix: str | os.PathLike | None = None) -> ConversionPlan:
+                    imatrix: str | os.PathLike | None = None, tokenizer_pre: str | None = None) -> ConversionPlan:
     """Validate the open checkpoint and plan the whole file (tensors and metadata); nothing is read
-    but headers, per-tensor scalars, the tokenizer and the imatrix."""
+    but headers, per-tensor scalars, the tokenizer and the imatrix. ``tokenizer_pre``: see
+    :func:`convert_checkpoint`."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     g = _gguf()
@@ -381,7 +403,8 @@ def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = 
     weights = quantize_weights(read_imatrix(imatrix)) if imatrix is not None else None
     plan = plan_tensors(ck, variant, weights)
     hp = checkpoint_hparams(ck)
-    tok = tokenizer_metadata(_find_tokenizer_dir(ck, tokenizer_dir), hp.n_vocab, ck.config)
+    tok = tokenizer_metadata(_find_tokenizer_dir(ck, tokenizer_dir), hp.n_vocab, ck.config,
+                             tokenizer_pre=tokenizer_pre)
     template = resolve_chat_template(chat_template, ck.path if chat_template == "original" else None)
     if chat_template == "original" and template is None:
         try:
@@ -438,20 +461,39 @@ def write_gguf(out_path: str | os.PathLike, arch: str, add_metadata: Callable[[A
             total = sum(t.nbytes for t in tensors)
             bar = (progress(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
                    if show_progress else _NoBar())
-            try:
-                for t in tensors:
-                    data = np.ascontiguousarray(t.produce())
-                    if data.nbytes != t.nbytes:
-                        raise ValueError(f"{t.name}: produced {data.nbytes} bytes, expected {t.nbytes} "
-                                         f"({t.ggml_type.name} {list(t.shape)})")
-                    w.write_tensor_data(data.reshape(-1).view(np.uint8))
-                    bar.update(t.nbytes)
-                    del data
-            finally:
-                bar.close()
+            # One writer thread: tensor k+1 is produced (read, repacked, quantized) while tensor k
+            # goes to disk, so conversion time approaches the larger of the two, not their sum.
+            # At most two tensors' bytes are held at once.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-write") as pool:
+                pending = None
+                try:
+                    for t in tensors:
+                        data = np.ascontiguousarray(t.produce())
+                        if data.nbytes != t.nbytes:
+                            raise ValueError(f"{t.name}: produced {data.nbytes} bytes, expected {t.nbytes} "
+                                             f"({t.ggml_type.name} {list(t.shape)})")
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(_write_tensor, w, data.reshape(-1).view(np.uint8), bar, t.nbytes)
+                        del data
+                    if pending is not None:
+                        pending.result()
+                        pending = None
+                    for f in w.fout:  # on disk before the rename: a crash cannot leave an empty file there
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    if pending is not None:
+                        pending.cancel()
+                    bar.close()
         finally:
             w.close()  # closes the temporary file; atomic_output renames it or removes it
     return out
+
+
+def _write_tensor(w, data: np.ndarray, bar, nbytes: int) -> None:
+    w.write_tensor_data(data)
+    bar.update(nbytes)
 
 
 class _NoBar:
@@ -475,7 +517,7 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
                        chat_template: str = "fixed", *, tokenizer_dir: str | os.PathLike | None = None,
                        name: str | None = None, license: str = "apache-2.0", quantized_by: str = "nexlab",
                        source_url: str | None = None, imatrix: str | os.PathLike | None = None,
-                       show_progress: bool = True) -> ConvertResult:
+                       tokenizer_pre: str | None = None, show_progress: bool = True) -> ConvertResult:
     """Convert a Qwen3.5-MoE checkpoint (ModelOpt NVFP4 or BF16) to a qwen35moe GGUF.
 
     ``variant``: ``bf16`` (NVFP4 tensors kept, the rest BF16/F32: the "NVFP4-BF16" file); ``q8_0``
@@ -485,12 +527,16 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     weights, as llama.cpp does, with a warning (``nexlab.convert`` logger). ``chat_template``:
     ``fixed`` (nexlab's template, default), ``original`` (the checkpoint's own, unchanged) or a file
     path. ``imatrix``: a llama-imatrix GGUF whose column weights guide the K-quant search (q4_k_m).
-    Raises ValueError naming the tensor on malformed input; never leaves a partial output file.
+    ``tokenizer_pre``: llama.cpp's pre-tokenizer name to write as ``tokenizer.ggml.pre``; default:
+    recognised from tokenizer.json (:func:`nexlab.tokenizer.pretokenizer_name`), which refuses a
+    pre-tokenizer it does not know. Raises ValueError naming the tensor on malformed input; never
+    leaves a partial output file.
     """
     t0 = time.perf_counter()
     with Checkpoint(ckpt_dir) as ck:
         cp = plan_conversion(ck, variant, chat_template, tokenizer_dir=tokenizer_dir, name=name, license=license,
-                             quantized_by=quantized_by, source_url=source_url, imatrix=imatrix)
+                             quantized_by=quantized_by, source_url=source_url, imatrix=imatrix,
+                             tokenizer_pre=tokenizer_pre)
         path = write_gguf(out_path, ARCH, cp.add_metadata, cp.tensors, show_progress=show_progress,
                           desc=f"convert {Path(out_path).name}")
     types: dict[str, int] = {}
@@ -529,13 +575,40 @@ def write_shape_gguf(path: str | os.PathLike, hp: Q.HParams, variant: str = "bf1
     return specs
 
 
+def write_vocab_gguf(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, vocab_size: int | None = None,
+                     tokenizer_pre: str | None = None) -> Path:
+    """A vocabulary-only qwen35moe GGUF (no tensors, no hyper-parameters) of a Hugging Face tokenizer.
+
+    The tokenizer metadata is exactly what :func:`convert_checkpoint` writes for that tokenizer
+    (:func:`tokenizer_metadata`; ``vocab_size`` defaults to the tokenizer's own size), like
+    llama.cpp's ``convert_hf_to_gguf.py --vocab-only``; llama.cpp loads it with ``vocab_only`` and
+    tokenizes with it. Atomic, like every write.
+    """
+    tok_dir = Path(tokenizer_dir)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise ValueError(f"no tokenizer.json in {tok_dir}")
+    if vocab_size is None:
+        tj = json.loads((tok_dir / "tokenizer.json").read_text())
+        vocab = (tj.get("model") or {}).get("vocab")
+        ids = [*(vocab.values() if isinstance(vocab, dict) else ()), *(a["id"] for a in tj.get("added_tokens", []))]
+        vocab_size = max(ids, default=-1) + 1  # tokenizer_metadata refuses what is not byte-level BPE
+    tok = tokenizer_metadata(tok_dir, vocab_size, {}, tokenizer_pre=tokenizer_pre)
+
+    def add_metadata(w):
+        w.add_type(_gguf().GGUFType.MODEL)
+        w.add_name(tok_dir.name)
+        _tokenizer_gguf_metadata(w, tok, None)
+
+    return write_gguf(path, ARCH, add_metadata, [], show_progress=False)
+
+
 # ----------------------------------------------------------------------------- CLI
 def _cli(args: argparse.Namespace) -> int:
     if args.quiet:
         os.environ["NEXLAB_NO_PROGRESS"] = "1"
     r = convert_checkpoint(args.ckpt_dir, args.output, variant=args.variant, chat_template=args.chat_template,
                            tokenizer_dir=args.tokenizer_dir, name=args.name, source_url=args.source_url,
-                           imatrix=args.imatrix)
+                           imatrix=args.imatrix, tokenizer_pre=args.tokenizer_pre)
     types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
     print(f"wrote {r.path} ({r.nbytes / 2**20:.1f} MiB, {r.n_tensors} tensors: {types}) in {r.seconds:.1f} s")
     return 0
@@ -551,6 +624,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--chat-template", default="fixed",
                    help="fixed (nexlab's, default) | original (the checkpoint's, unchanged) | FILE")
     p.add_argument("--tokenizer-dir", default=None, help="where tokenizer.json lives (default: the checkpoint)")
+    p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="llama.cpp pre-tokenizer name for tokenizer.ggml.pre (default: recognised from "
+                        "tokenizer.json: qwen35, qwen2 or gpt-2)")
     p.add_argument("--name", default=None, help="general.name (default: config _name_or_path or folder name)")
     p.add_argument("--source-url", default=None, help="general.source.url")
     p.add_argument("--imatrix", default=None, help="importance matrix GGUF (llama-imatrix format) for q4_k_m")

@@ -6,10 +6,14 @@ Python bindings agree on every format detail.
 
 - :func:`llamacpp_source` fetches that sdist with ``pip download`` (this interpreter's pip),
   unpacks the whole ``vendor/llama.cpp`` tree into the user cache and patches one line of the
-  converter (an unknown BPE pre-tokenizer falls back to ``qwen2`` instead of raising, so the
-  self-made tiny tokenizers convert; compare tensors and model metadata, not the vocabulary).
+  converter: llama.cpp names a BPE pre-tokenizer from a hash of the tokens of a test string, which
+  a self-made vocabulary never matches, so instead of raising, an unknown one takes the name in
+  ``$NEXLAB_TOKENIZER_PRE`` (default ``qwen2``). A tree patched by an older nexlab is re-patched in
+  place (SOURCE.json records the patch); the tools are not rebuilt for it (they never use the
+  converter).
 - :func:`reference_converter` / :func:`run_reference_converter`: ``convert_hf_to_gguf.py`` with
-  ``--outtype bf16 --no-mtp``, run by this interpreter with the tree's own ``gguf-py``.
+  ``--outtype bf16 --no-mtp``, run by this interpreter with the tree's own ``gguf-py``;
+  ``tokenizer_pre=`` sets ``$NEXLAB_TOKENIZER_PRE`` for it.
 - :func:`build_tools` builds ``llama-bench``, ``llama-batched-bench``, ``llama-imatrix``,
   ``llama-perplexity``, ``llama-quantize`` and ``llama-server`` (CPU, static, Release) with cmake;
   :func:`tool_path` finds one. ``nexlab setup`` (run by ``make install``) does both steps.
@@ -48,7 +52,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from nexlab.fileio import locked, replace_directory
+from nexlab.fileio import atomic_write_text, locked, replace_directory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,9 +71,17 @@ CMAKE_OPTIONS = {
     "LLAMA_USE_PREBUILT_UI": "OFF",   # ... or a download from Hugging Face: the server runs without it
 }
 
-# the converter's refusal of unknown BPE pre-tokenizers (conversion/base.py, get_vocab_base_pre)
+# the converter's refusal of unknown BPE pre-tokenizers (conversion/base.py, get_vocab_base_pre) and
+# what replaces it: the name the caller puts in PRETOKENIZER_ENV (base.py imports os)
+PRETOKENIZER_ENV = "NEXLAB_TOKENIZER_PRE"
 _PRETOKENIZER_RAISE = 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")'
-_PRETOKENIZER_FALLBACK = 'res = "qwen2"  # nexlab: an unknown (self-made) BPE pre-tokenizer falls back to qwen2'
+_PRETOKENIZER_FALLBACK = (f'res = os.environ.get("{PRETOKENIZER_ENV}", "qwen2")  '
+                          f'# nexlab: an unknown (self-made) BPE pre-tokenizer is named by ${PRETOKENIZER_ENV}')
+# the lines earlier nexlab versions put in its place: an existing tree carrying one is re-patched
+_FORMER_PRETOKENIZER_FALLBACKS = (
+    'res = "qwen2"  # nexlab: an unknown (self-made) BPE pre-tokenizer falls back to qwen2',
+)
+_PATCHED = ["conversion/base.py: " + _PRETOKENIZER_FALLBACK]  # SOURCE.json "patched" of a current tree
 
 SETUP_HINT = "run `nexlab setup` (or `make install`, which runs it)"
 
@@ -121,17 +133,37 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _patch_converter(src: Path) -> None:
-    """Replace the converter's one ``raise`` for unknown BPE pre-tokenizers by the ``qwen2`` fallback."""
+    """Replace the converter's one ``raise`` for unknown BPE pre-tokenizers (or the line an earlier
+    nexlab put there) by :data:`_PRETOKENIZER_FALLBACK`; base.py is replaced atomically."""
     base = src / "conversion" / "base.py"
     lines = base.read_text(encoding="utf-8").splitlines(keepends=True)
-    hits = [i for i, line in enumerate(lines) if line.strip() == _PRETOKENIZER_RAISE]
+    replaceable = (_PRETOKENIZER_RAISE, *_FORMER_PRETOKENIZER_FALLBACKS)
+    hits = [i for i, line in enumerate(lines) if line.strip() in replaceable]
     if len(hits) != 1:
         raise RuntimeError(f"cannot patch {base}: expected exactly one line `{_PRETOKENIZER_RAISE}`, found "
                            f"{len(hits)}; the converter changed, update nexlab.llamacpp._patch_converter")
     i = hits[0]
     indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
     lines[i] = f"{indent}{_PRETOKENIZER_FALLBACK}\n"
-    base.write_text("".join(lines), encoding="utf-8")
+    atomic_write_text(base, "".join(lines))
+
+
+def _patch_is_current(src: Path) -> bool:
+    try:
+        return json.loads((src / "SOURCE.json").read_text()).get("patched") == _PATCHED
+    except (OSError, ValueError):
+        return False
+
+
+def _repatch(src: Path, log: Callable[[str], None]) -> None:
+    """Bring the converter patch of an existing tree up to date, in place (no download): the tree
+    is then what a fresh fetch gives. The tools are not rebuilt: the patch touches the converter only."""
+    info = json.loads((src / "SOURCE.json").read_text())
+    _patch_converter(src)
+    info["patched"] = _PATCHED
+    info["repatched_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_text(src / "SOURCE.json", json.dumps(info, indent=2) + "\n")
+    log(f"updated the converter patch in {src / 'conversion' / 'base.py'}")
 
 
 def _sha256(path: Path) -> str:
@@ -170,7 +202,7 @@ def _fetch_source(home: Path, log: Callable[[str], None]) -> Path:
         tree = unpack / prefix
         _patch_converter(tree)
         info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "sdist": sdists[0].name,
-                "sdist_sha256": _sha256(sdists[0]), "patched": ["conversion/base.py: " + _PRETOKENIZER_FALLBACK],
+                "sdist_sha256": _sha256(sdists[0]), "patched": _PATCHED,
                 "download_seconds": round(t_download, 1), "seconds": round(time.perf_counter() - t0, 1)}
         (tree / "SOURCE.json").write_text(json.dumps(info, indent=2) + "\n")
         staged = Path(tempfile.mkdtemp(dir=home, prefix=".src-ready-"))
@@ -186,10 +218,17 @@ def _fetch_source(home: Path, log: Callable[[str], None]) -> Path:
 def llamacpp_source(*, fetch: bool = True, log: Callable[[str], None] | None = None) -> Path:
     """The patched ``vendor/llama.cpp`` tree of the llama-cpp-python sdist; fetched on first use.
 
-    ``fetch=False`` raises instead of downloading. Safe to call from several processes at once.
+    A tree whose converter patch (SOURCE.json ``patched``) is not the current one is re-patched in
+    place. ``fetch=False`` raises instead of downloading. Safe to call from several processes at once.
     """
     src = source_dir()
+    log = log or (lambda msg: print(f"nexlab: {msg}", file=sys.stderr))
     if (src / "SOURCE.json").is_file():
+        if _patch_is_current(src):
+            return src
+        with locked(llamacpp_home() / ".lock"):
+            if not _patch_is_current(src):  # another process may have done it while we waited
+                _repatch(src, log)
         return src
     check_llama_cpp_python_version()
     if not fetch:
@@ -198,8 +237,10 @@ def llamacpp_source(*, fetch: bool = True, log: Callable[[str], None] | None = N
     home.mkdir(parents=True, exist_ok=True)
     with locked(home / ".lock"):
         if (src / "SOURCE.json").is_file():  # another process fetched it while we waited
+            if not _patch_is_current(src):
+                _repatch(src, log)
             return src
-        return _fetch_source(home, log or (lambda msg: print(f"nexlab: {msg}", file=sys.stderr)))
+        return _fetch_source(home, log)
 
 
 # ----------------------------------------------------------------------------- the reference converter
@@ -209,15 +250,20 @@ def reference_converter() -> Path:
 
 
 def reference_command(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, *, python: str = sys.executable,
-                      extra_args: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+                      extra_args: tuple[str, ...] = (), tokenizer_pre: str | None = None) -> tuple[list[str], dict]:
     """Command line and environment that run the reference converter (BF16 outtype, no MTP).
 
     ``PYTHONPATH`` puts the tree's own ``gguf-py`` first, so the converter writes with the gguf
-    code of its commit, not the installed ``gguf`` package.
+    code of its commit, not the installed ``gguf`` package. ``tokenizer_pre`` goes to
+    ``$NEXLAB_TOKENIZER_PRE``: the ``tokenizer.ggml.pre`` the patched converter writes for a BPE
+    tokenizer it does not recognise by hash (without it: ``qwen2``; an inherited value is dropped).
     """
     conv = reference_converter()
     gguf_py = str(conv.parent / "gguf-py")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (gguf_py, os.environ.get("PYTHONPATH")) if p))
+    env.pop(PRETOKENIZER_ENV, None)
+    if tokenizer_pre is not None:
+        env[PRETOKENIZER_ENV] = str(tokenizer_pre)
     cmd = [python, str(conv), str(Path(ckpt_dir).resolve()), "--outfile", str(Path(out_path).resolve()),
            "--outtype", "bf16", "--no-mtp", *extra_args]
     return cmd, env
@@ -225,9 +271,14 @@ def reference_command(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, 
 
 def run_reference_converter(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, *,
                             python: str = sys.executable, timeout: float = 1800,
-                            extra_args: tuple[str, ...] = ()) -> Path:
-    """Convert ``ckpt_dir`` with llama.cpp's converter to ``out_path``; raise with its stderr on failure."""
-    cmd, env = reference_command(ckpt_dir, out_path, python=python, extra_args=extra_args)
+                            extra_args: tuple[str, ...] = (), tokenizer_pre: str | None = None) -> Path:
+    """Convert ``ckpt_dir`` with llama.cpp's converter to ``out_path``; raise with its stderr on failure.
+
+    ``tokenizer_pre``: the pre-tokenizer name for a self-made BPE tokenizer (:func:`reference_command`);
+    a caller comparing with nexlab's file states the name it expects, e.g. ``qwen35`` for the tiny model.
+    """
+    cmd, env = reference_command(ckpt_dir, out_path, python=python, extra_args=extra_args,
+                                 tokenizer_pre=tokenizer_pre)
     r = subprocess.run(cmd, env=env, cwd=Path(cmd[1]).parent, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed on {ckpt_dir} ({r.returncode}):\n{r.stderr[-3000:]}")

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .checkpoint import Checkpoint
-from .fileio import atomic_directory, atomic_write_text, locked
+from .fileio import atomic_directory, atomic_output, atomic_write_text, locked
 from .config import parameter_counts, slice_config, tiny_config, to_transformers, validate_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -195,13 +195,26 @@ class ShardedWriter:
 # --------------------------------------------------------------------------- tiny: text, tokenizer, training
 
 
+def tokenizer_is_current(tokenizer_dir: str | os.PathLike) -> bool:
+    """Whether ``tokenizer_dir`` holds a tokenizer.json with the tiny tokenizer's pre-tokenizer
+    (:data:`nexlab.tokenizer.TINY_PRETOKENIZER`, Qwen3.5's); a tokenizer from an earlier nexlab
+    (Qwen2's pre-tokenizer) is not, and is rebuilt with everything trained on it."""
+    from .tokenizer import TINY_PRETOKENIZER, pretokenizer_name  # noqa: PLC0415
+
+    try:
+        return pretokenizer_name(Path(tokenizer_dir) / "tokenizer.json") == TINY_PRETOKENIZER
+    except ValueError:  # missing, unreadable or unrecognised
+        return False
+
+
 def ensure_text_and_tokenizer(artifacts_dir=None, seed: int = 0, vocab_size: int = 2048) -> dict[str, Path]:
-    """Text splits and the tokenizer (built once, shared by smoke and full builds)."""
+    """Text splits and the tokenizer (built once, shared by smoke and full builds; a tokenizer
+    that is not :func:`tokenizer_is_current` is trained again)."""
     from .tokenizer import make_text_splits, train_tokenizer  # noqa: PLC0415
 
     p = tiny_paths(artifacts_dir)
     make_text_splits(p["text"], seed=seed)
-    if not (p["tokenizer"] / "tokenizer.json").is_file():
+    if not tokenizer_is_current(p["tokenizer"]):
         train_tokenizer(p["train_text"], p["tokenizer"], vocab_size=vocab_size)
     return p
 
@@ -295,15 +308,29 @@ def _read_build(p: dict[str, Path]) -> dict | None:
     return b if all(x.exists() for x in needed) else None
 
 
+def _built_with_current_tokenizer(p: dict[str, Path]) -> bool:
+    """The tokenizer is current and every checkpoint carries that very tokenizer.json (a tokenizer
+    trained again after the build, e.g. by :func:`ensure_text_and_tokenizer`, makes the build stale)."""
+    if not tokenizer_is_current(p["tokenizer"]):
+        return False
+    want = (p["tokenizer"] / "tokenizer.json").read_bytes()
+    try:
+        return all((p[k] / "tokenizer.json").read_bytes() == want for k in ("bf16", "nvfp4", "nvfp4_all"))
+    except OSError:
+        return False
+
+
 def ensure_tiny(artifacts_dir: str | os.PathLike | None = None, smoke: bool = False, seed: int = 0, *,
                 force: bool = False, settings=None, calib_windows: int | None = None) -> dict[str, Path]:
     """Build (if missing) the tiny Nex-N2-mini artifacts; returns :func:`tiny_paths`.
 
     A complete build is reused: any build when ``smoke`` is True, a full build when it is False
     (a smoke build is then replaced). ``force`` rebuilds. The text splits and tokenizer are kept
-    across builds. Smoke: a few training steps (seconds); full: ``TrainSettings()`` (a few
-    minutes on 2 cores). ``settings`` (a ``nexlab.train.TrainSettings``) overrides either.
-    Safe to call from several processes at once (file lock).
+    across builds; a build whose tokenizer is not :func:`tokenizer_is_current` (made by an earlier
+    nexlab), or whose checkpoints carry another tokenizer.json, is rebuilt (with a new tokenizer).
+    Smoke: a few training steps (seconds); full: ``TrainSettings()`` (a few minutes on 2 cores).
+    ``settings`` (a ``nexlab.train.TrainSettings``) overrides either. Safe to call from several
+    processes at once (file lock).
     """
     import torch  # noqa: PLC0415
     from transformers import Qwen3_5MoeForCausalLM  # noqa: PLC0415
@@ -314,7 +341,8 @@ def ensure_tiny(artifacts_dir: str | os.PathLike | None = None, smoke: bool = Fa
     p = tiny_paths(artifacts_dir)
 
     def usable(build):
-        return build is not None and not force and (smoke or build.get("mode") == "full") and build.get("seed") == seed
+        return (build is not None and not force and (smoke or build.get("mode") == "full")
+                and build.get("seed") == seed and _built_with_current_tokenizer(p))
 
     if usable(_read_build(p)):  # fast path: no lock, so readers never wait for a rebuild in progress
         return p
@@ -578,25 +606,40 @@ def _mlp_scope_excludes(t: dict) -> list[str]:
     return sorted(ex)
 
 
+def _refresh_tokenizer(tokenizer_dir: Path, ckpt_dir: Path) -> None:
+    """Copy the tokenizer files into ``ckpt_dir`` (each atomically) when its tokenizer.json differs."""
+    src = tokenizer_dir / "tokenizer.json"
+    dst = ckpt_dir / "tokenizer.json"
+    if not src.is_file() or (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+        return
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            with atomic_output(ckpt_dir / name) as tmp:
+                shutil.copyfile(tokenizer_dir / name, tmp)
+
+
 def ensure_slice(artifacts_dir: str | os.PathLike | None = None, *, vocab_size: int | None = None, seed: int = 0,
                  show_progress: bool = True) -> Path:
     """``ARTIFACTS_DIR/slice/nvfp4``, written by :func:`write_slice` when missing or when its
     vocabulary differs from ``vocab_size`` (default :data:`nexlab.config.SLICE_DEFAULT_VOCAB`).
     The tiny tokenizer is copied in when it exists (its ids are a subset of any slice vocabulary
-    >= 2048)."""
+    >= 2048); a kept slice whose copy differs from the tiny tokenizer (made again since, e.g. by an
+    earlier nexlab) gets the current files (the random weights do not depend on it)."""
     from .config import SLICE_DEFAULT_VOCAB  # noqa: PLC0415
 
     a = Path(artifacts_dir) if artifacts_dir is not None else default_artifacts_dir()
     out = a / "slice" / "nvfp4"
     vocab = vocab_size or SLICE_DEFAULT_VOCAB
+    tok = tiny_paths(a)["tokenizer"]
     with locked(a / "slice.lock"):
         try:
             cfg = json.loads((out / "config.json").read_text())
-            if cfg["text_config"]["vocab_size"] == vocab and (out / "model.safetensors.index.json").is_file():
-                return out
+            keep = cfg["text_config"]["vocab_size"] == vocab and (out / "model.safetensors.index.json").is_file()
         except (OSError, ValueError, KeyError):
-            pass
-        tok = tiny_paths(a)["tokenizer"]
+            keep = False
+        if keep:
+            _refresh_tokenizer(tok, out)
+            return out
         return write_slice(out, vocab_size=vocab, seed=seed, show_progress=show_progress,
                            tokenizer_dir=tok if tok.is_dir() else None)
 

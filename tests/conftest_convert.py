@@ -3,7 +3,8 @@
 The tiny checkpoints come from ``nexlab.models.ensure_tiny(smoke=True)`` (built once, reused).
 ``nexlab_gguf(kind)`` is nexlab's GGUF alone; ``converted(kind)`` adds llama.cpp's own converter
 (nexlab.llamacpp.run_reference_converter: the converter of llama-cpp-python 0.3.36's tree, run by
-this interpreter, fetched into the user cache on first use), once per checkpoint per session.
+this interpreter, fetched into the user cache on first use), once per checkpoint per session; it is
+told the tiny tokenizer's pre-tokenizer (``qwen35``), which it cannot recognise by hash.
 A reference that cannot be fetched or run is an error, never a skip.
 """
 
@@ -48,7 +49,7 @@ def converted(tiny, nexlab_gguf, tmp_path_factory):
     def get(kind: str) -> tuple[Path, Path]:
         if kind not in cache:
             ref = root / f"llamacpp-{kind}.gguf"
-            run_reference_converter(tiny[kind], ref)
+            run_reference_converter(tiny[kind], ref, tokenizer_pre="qwen35")  # the tiny tokenizer is Qwen3.5's
             cache[kind] = (nexlab_gguf(kind), ref)
         return cache[kind]
 

@@ -27,7 +27,7 @@ def test_tensors_and_model_metadata_equal_llamacpp_converter(converted, kind):  
     assert diff_gguf(ours, ref) == []  # names, types, shapes, bytes; every non-vocab, non-general key
     a, b = inspect_gguf(ours)["metadata"], inspect_gguf(ref)["metadata"]
     for key in ("general.architecture", "general.file_type", "general.quantization_version",
-                "tokenizer.ggml.model", "tokenizer.ggml.eos_token_id"):
+                "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"):
         assert a[key] == b[key], key
     types = {t["type"] for t in inspect_gguf(ours)["tensors"]}
     assert ("NVFP4" in types) == (kind != "bf16")

@@ -61,6 +61,39 @@ def test_converter_patch_replaces_exactly_the_raise_and_fails_loudly_otherwise(t
         LL._patch_converter(tmp_path)  # the line is gone now: the converter "changed"
 
 
+def test_a_tree_with_an_older_patch_is_repatched_in_place_without_touching_the_tools(monkeypatch, tmp_path):
+    """An existing cache patched by an earlier nexlab gets today's patch (what a fresh fetch would
+    give) on the next use, without a download and without rebuilding the tools."""
+    monkeypatch.setenv("NEXLAB_CACHE", str(tmp_path))
+    src, bin_dir = LL.source_dir(), LL.tools_dir()
+    (src / "conversion").mkdir(parents=True)
+    bin_dir.mkdir()
+    fresh = "        if res is None:\n            log()\n            " + LL._PRETOKENIZER_RAISE + "\n        return res\n"
+    old_patch = LL._FORMER_PRETOKENIZER_FALLBACKS[0]
+    (src / "conversion" / "base.py").write_text(fresh.replace(LL._PRETOKENIZER_RAISE, old_patch))
+    (src / "SOURCE.json").write_text(json.dumps({"sdist": "x", "patched": ["conversion/base.py: " + old_patch]}))
+    (bin_dir / "BUILD.json").write_text("{}")
+    bin_before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in bin_dir.iterdir()}
+
+    assert LL.llamacpp_source(fetch=False, log=lambda msg: None) == src
+    assert (src / "conversion" / "base.py").read_text() == fresh.replace(LL._PRETOKENIZER_RAISE, LL._PRETOKENIZER_FALLBACK)
+    info = json.loads((src / "SOURCE.json").read_text())
+    assert info["patched"] == ["conversion/base.py: " + LL._PRETOKENIZER_FALLBACK] and info["sdist"] == "x"
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in bin_dir.iterdir()} == bin_before
+    stamp = (src / "conversion" / "base.py").stat().st_mtime_ns
+    assert LL.llamacpp_source(fetch=False) == src  # current now: left alone
+    assert (src / "conversion" / "base.py").stat().st_mtime_ns == stamp
+
+
+def test_reference_command_passes_the_pretokenizer_name_and_drops_an_inherited_one(monkeypatch, tmp_path):
+    monkeypatch.setenv(LL.PRETOKENIZER_ENV, "inherited")
+    _, env = LL.reference_command(tmp_path / "ckpt", tmp_path / "out.gguf")
+    assert LL.PRETOKENIZER_ENV not in env
+    _, env = LL.reference_command(tmp_path / "ckpt", tmp_path / "out.gguf", tokenizer_pre="qwen35")
+    assert env[LL.PRETOKENIZER_ENV] == "qwen35"
+    assert f'os.environ.get("{LL.PRETOKENIZER_ENV}", "qwen2")' in LL._PRETOKENIZER_FALLBACK
+
+
 def test_missing_tree_and_tools_are_errors_that_name_nexlab_setup(monkeypatch, tmp_path):
     monkeypatch.setenv("NEXLAB_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nexlab setup"):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -65,14 +66,15 @@ def test_tokenizer_training_is_deterministic(tiny, tmp_path):
     assert a == b
 
 
-def test_tokenizer_pretokenizer_is_qwen2s_so_llamacpp_splits_the_same(tiny):
+def test_tokenizer_pretokenizer_is_qwen35s_as_nex_n2_minis_so_llamacpp_splits_the_same(tiny):
     spec = json.loads((tiny["tokenizer"] / "tokenizer.json").read_text())
     pre = spec["pre_tokenizer"]["pretokenizers"]
-    from nexlab.tokenizer import QWEN2_SPLIT_PATTERN
+    from nexlab.tokenizer import QWEN35_SPLIT_PATTERN, pretokenizer_name
 
-    assert pre[0]["type"] == "Split" and pre[0]["pattern"]["Regex"] == QWEN2_SPLIT_PATTERN
+    assert pre[0]["type"] == "Split" and pre[0]["pattern"]["Regex"] == QWEN35_SPLIT_PATTERN
     assert pre[1]["type"] == "ByteLevel" and pre[1]["use_regex"] is False
     assert spec["normalizer"] is None
+    assert pretokenizer_name(tiny["tokenizer"]) == "qwen35"
 
 
 def test_text_splits_come_from_disjoint_files(tiny):
@@ -102,6 +104,58 @@ def test_ensure_tiny_reuses_a_complete_build(tiny):
     again = M.ensure_tiny(tiny["artifacts"], smoke=True)
     assert time.perf_counter() - t < 5 and again == tiny
     assert tiny["build_json"].stat().st_mtime_ns == stamp
+
+
+def _with_qwen2_split(tokenizer_json: Path) -> None:
+    """Turn a tiny tokenizer.json into what an earlier nexlab wrote (Qwen2's split regex)."""
+    from nexlab.tokenizer import QWEN2_SPLIT_PATTERN
+
+    spec = json.loads(tokenizer_json.read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_SPLIT_PATTERN
+    tokenizer_json.write_text(json.dumps(spec))
+
+
+def test_ensure_tiny_rebuilds_a_build_made_with_an_older_tokenizer(tiny, tmp_path):
+    """A complete build from before the tiny tokenizer took Qwen3.5's pre-tokenizer (Qwen2's regex
+    in tokenizer/ and in every checkpoint) is not reused: tokenizer and checkpoints are made again."""
+    from nexlab.tokenizer import pretokenizer_name
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny["artifacts"] / "text", art / "text")
+    shutil.copytree(tiny["build_json"].parent, art / "tiny")
+    p = M.tiny_paths(art)
+    for k in ("tokenizer", "bf16", "nvfp4", "nvfp4_all"):
+        _with_qwen2_split(p[k] / "tokenizer.json")
+        assert pretokenizer_name(p[k]) == "qwen2"
+    assert not M.tokenizer_is_current(p["tokenizer"]) and not M._built_with_current_tokenizer(p)
+    stamp = p["build_json"].stat().st_mtime_ns
+
+    assert M.ensure_tiny(art, smoke=True) == p
+    assert p["build_json"].stat().st_mtime_ns != stamp
+    want = (tiny["tokenizer"] / "tokenizer.json").read_bytes()  # training is deterministic
+    for k in ("tokenizer", "bf16", "nvfp4", "nvfp4_all"):
+        assert (p[k] / "tokenizer.json").read_bytes() == want, k
+    assert M.tokenizer_is_current(p["tokenizer"]) and M._built_with_current_tokenizer(p)
+    # a tokenizer trained again after the build (ensure_text_and_tokenizer alone) makes it stale too
+    _with_qwen2_split(p["bf16"] / "tokenizer.json")
+    assert M.tokenizer_is_current(p["tokenizer"]) and not M._built_with_current_tokenizer(p)
+
+
+def test_ensure_slice_keeps_a_slice_but_gives_it_the_current_tiny_tokenizer(tiny, tmp_path):
+    from nexlab.config import SLICE_DEFAULT_VOCAB
+
+    art = tmp_path / "art"
+    tok = M.tiny_paths(art)["tokenizer"]
+    shutil.copytree(tiny["tokenizer"], tok)
+    out = art / "slice" / "nvfp4"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"text_config": {"vocab_size": SLICE_DEFAULT_VOCAB}}))
+    (out / "model.safetensors.index.json").write_text("{}")  # a kept slice: write_slice is not called
+    (out / "tokenizer.json").write_text("{}")  # an older tokenizer
+    assert M.ensure_slice(art, show_progress=False) == out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (tok / name).read_bytes(), name
+    assert (out / "model.safetensors.index.json").read_text() == "{}"
 
 
 # --------------------------------------------------------------------------- checkpoint layout
