@@ -68,12 +68,15 @@ def encode_tensor(data, ggml_type, name: str, imatrix: np.ndarray | None = None)
     """Encode one float tensor (torch or numpy, numpy-order shape) into ``ggml_type`` storage bytes.
 
     F32 / F16 / BF16 are done here (a BF16 source going to BF16 keeps its bits); other types go to
-    ``nexlab.quantize.quantize_tensor(data_f32, type_name, imatrix [n_expert, ne0] | None)``
+    ``nexlab.quantize.quantize_tensor(data, type_name, imatrix [n_expert, ne0] | None)``
     (K-quants / Q8_0 bit-exact with ggml_quantize_chunk, from the kquants chapter).
     """
     import torch  # noqa: PLC0415
 
     T = _gguf().GGMLQuantizationType
+    if ggml_type not in (T.F32, T.F16, T.BF16):
+        # quantized types: row pieces are widened to float32 one at a time (no float32 copy of a 1 GB tensor)
+        return quantize_tensor(data, ggml_type.name, imatrix, name=name)
     if isinstance(data, torch.Tensor):
         if ggml_type == T.BF16 and data.dtype == torch.bfloat16:
             return data.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -83,9 +86,7 @@ def encode_tensor(data, ggml_type, name: str, imatrix: np.ndarray | None = None)
         return np.ascontiguousarray(data, dtype=np.float32)
     if ggml_type == T.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
-    if ggml_type == T.BF16:
-        return f32_to_bf16_bits(data)
-    return quantize_tensor(np.asarray(data, dtype=np.float32), ggml_type.name, imatrix, name=name)
+    return f32_to_bf16_bits(data)
 
 
 

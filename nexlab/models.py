@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -141,12 +142,16 @@ class ShardedWriter:
     staging folder (see :func:`write_slice`) so a failure leaves nothing half-written.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard_bytes: int):
+    def __init__(self, out_dir: str | os.PathLike, shard_bytes: int, *, background: bool = False):
         if shard_bytes <= 0:
             raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.shard_bytes = int(shard_bytes)
+        # background: a shard is written by one writer thread (safetensors writes from the tensors'
+        # memory without holding the GIL) while the next one is filled; at most two shards in memory.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-write") if background else None
+        self._writing = None
         self._pending: dict[str, Any] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
@@ -172,12 +177,30 @@ class ShardedWriter:
         from safetensors.torch import save_file  # noqa: PLC0415
 
         tmp_name = f".shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(self.out / tmp_name), metadata={"format": "pt"})
         self._shards.append((tmp_name, list(self._pending)))
+        if self._pool is None:
+            save_file(self._pending, str(self.out / tmp_name), metadata={"format": "pt"})
+        else:
+            self._wait()
+            self._writing = self._pool.submit(save_file, self._pending, str(self.out / tmp_name), {"format": "pt"})
         self._pending, self._pending_bytes = {}, 0
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            w, self._writing = self._writing, None
+            w.result()  # re-raises the writer's error (e.g. disk full) here
+
+    def close(self) -> None:
+        """Wait for a shard being written and stop the writer thread (also on errors)."""
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def finish(self) -> list[str]:
         self._flush()
+        self.close()
         m = len(self._shards)
         weight_map, names = {}, []
         for i, (tmp_name, keys) in enumerate(self._shards):

@@ -286,34 +286,66 @@ def nvfp4_override_patterns(plans: Iterable[TensorPlan]) -> list[str]:
     return ["^" + re.escape(p.name) + "$" for p in plans if p.source_type == "NVFP4" and p.target_type == "NVFP4"]
 
 
-def quantize_tensor(data, type_name: str, imatrix: np.ndarray | None = None, *, name: str = "tensor") -> np.ndarray:
+#: Elements per piece when a tensor is quantized row block by row block (16 MiB of float32).
+QUANT_CHUNK_ELEMENTS = 1 << 22
+
+
+def quantize_tensor(data, type_name: str, imatrix: np.ndarray | None = None, *, name: str = "tensor",
+                    chunk_elements: int = QUANT_CHUNK_ELEMENTS) -> np.ndarray:
     """Quantize a float tensor (numpy shape ``[..., ne1, ne0]``) as llama_model_quantize does.
 
-    ``imatrix``: None, or float32 ``[n_mat, ne0]`` with one row per expert (n_mat = product of the
-    leading dims, or 1); expert j's rows are quantized with row j, as llama_tensor_quantize_impl does.
-    Q8_0/Q4_K/Q5_K/Q6_K go through :mod:`nexlab.kquants`; F16 and BF16 are rounded to nearest even.
+    ``data``: a numpy float array, a numpy ``ml_dtypes.bfloat16`` array or a torch tensor (BF16 is
+    widened exactly, piece by piece). ``imatrix``: None, or float32 ``[n_mat, ne0]`` with one row per
+    expert (n_mat = product of the leading dims, or 1); expert j's rows are quantized with row j, as
+    llama_tensor_quantize_impl does. Q8_0/Q4_K/Q5_K/Q6_K go through :mod:`nexlab.kquants`; F16 and BF16
+    are rounded to nearest even. Rows are quantized in pieces of about ``chunk_elements`` values (every
+    ggml type quantizes rows independently, so the bytes do not depend on the piece size): memory is
+    the output plus one piece, not a float32 copy of the tensor (2 GB for Nex-N2-mini's token_embd).
     Returns the tensor's bytes (uint8, flat).
     """
+    import ml_dtypes  # noqa: PLC0415
+
     t = type_name.name if hasattr(type_name, "name") and not isinstance(type_name, str) else str(type_name)
     t = t.upper()
-    x = np.asarray(data)
-    if x.dtype.kind != "f":
+    if hasattr(data, "detach") and hasattr(data, "dtype"):  # torch: zero-copy numpy view (BF16 as ml_dtypes)
+        import torch  # noqa: PLC0415
+
+        data = data.detach().contiguous()
+        x = data.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if data.dtype == torch.bfloat16 else data.numpy()
+    else:
+        x = np.asarray(data)
+    if x.dtype.kind != "f" and x.dtype != ml_dtypes.bfloat16:
         raise TypeError(f"{name}: expected floating-point data, got {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if t == "F32":
-        return x.reshape(-1).view(np.uint8).copy()
-    if t == "F16":
-        return x.astype(np.float16).reshape(-1).view(np.uint8).copy()
-    if t == "BF16":
+    x = np.ascontiguousarray(x)
+    if t in ("F32", "F16", "BF16"):
+        x = np.asarray(x, dtype=np.float32)
+        if t == "F32":
+            return x.reshape(-1).view(np.uint8).copy()
+        if t == "F16":
+            return x.astype(np.float16).reshape(-1).view(np.uint8).copy()
         return f32_to_bf16_bits(x).reshape(-1).view(np.uint8).copy()
     if t not in kquants.QUANT_TYPES:
         raise ValueError(f"{name}: nexlab cannot quantize to {type_name}")
     ne0 = x.shape[-1]
     mats = x.reshape(-1, x.shape[-2] if x.ndim >= 2 else 1, ne0)
     if imatrix is None:
-        return kquants.quantize(mats.reshape(-1, ne0), t, None, name=name).reshape(-1)
-    im = np.asarray(imatrix, dtype=np.float32).reshape(-1, ne0)
-    if im.shape[0] != mats.shape[0]:
-        raise ValueError(f"{name}: imatrix has {im.shape[0]} expert rows, the tensor has {mats.shape[0]} matrices")
-    parts = [kquants.quantize(mats[j], t, im[j], name=f"{name}[expert {j}]") for j in range(mats.shape[0])]
-    return np.concatenate([p.reshape(-1) for p in parts])
+        im = None
+    else:
+        im = np.asarray(imatrix, dtype=np.float32).reshape(-1, ne0)
+        if im.shape[0] != mats.shape[0]:
+            raise ValueError(f"{name}: imatrix has {im.shape[0]} expert rows, the tensor has {mats.shape[0]} matrices")
+    n_rows = mats.shape[1]
+    step = max(1, int(chunk_elements) // max(ne0, 1))
+    out = None
+    row_bytes = 0
+    for j in range(mats.shape[0]):
+        w = None if im is None else im[j]
+        label = name if im is None or mats.shape[0] == 1 else f"{name}[expert {j}]"
+        for r in range(0, n_rows, step):
+            piece = np.asarray(mats[j, r:r + step], dtype=np.float32)
+            q = kquants.quantize(piece, t, w, name=label)
+            if out is None:
+                row_bytes = q.shape[-1]
+                out = np.empty((mats.shape[0], n_rows, row_bytes), dtype=np.uint8)
+            out[j, r:r + step] = q.reshape(-1, row_bytes)
+    return out.reshape(-1)

@@ -299,8 +299,9 @@ def write_synth(config: str | dict, out_dir: str | os.PathLike, *, seed: int = 0
 
     The free space of the target is checked first against the exact tensor bytes plus
     :data:`DISK_MARGIN` (ValueError with both numbers). ``tokenizer_dir``: tokenizer files to copy
-    (default: nexlab's trained tokenizer, built in a few seconds when missing). Memory: one shard
-    (``shard_bytes``) held twice while safetensors serialises it, plus the pools (~100 MB).
+    (default: nexlab's trained tokenizer, built in a few seconds when missing). One shard is written by a
+    background thread while the next is generated, so memory is about two shards (``shard_bytes``)
+    plus the pools (~100 MB), and the time about the larger of generating and writing.
     """
     from .fileio import atomic_directory  # noqa: PLC0415
     from .models import ShardedWriter, _atomic_write_json, _copy_tokenizer, default_artifacts_dir  # noqa: PLC0415
@@ -327,7 +328,7 @@ def write_synth(config: str | dict, out_dir: str | os.PathLike, *, seed: int = 0
     n = sum(len(g) for g in plan)
     hf_quant, qc = _quant_configs(cfg["text_config"])
     with atomic_directory(out) as tmp:
-        w = ShardedWriter(tmp, shard_bytes=shard_bytes)
+        w = ShardedWriter(tmp, shard_bytes=shard_bytes, background=True)
         bar = (progress(total=total, desc=f"synth {out.name}", unit="B", unit_scale=True, unit_divisor=1024)
                if show_progress else _NoBar())
         try:
@@ -346,6 +347,7 @@ def write_synth(config: str | dict, out_dir: str | os.PathLike, *, seed: int = 0
                     bar.update(size)
             shards = w.finish()
         finally:
+            w.close()
             bar.close()
         full = copy.deepcopy(cfg)
         full["quantization_config"] = qc
