@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # one line, no traceback
         print(f"nexlab {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -516,7 +516,7 @@ def period_table(cfg: dict) -> list[dict[str, Any]]:
     and what it does. For the architecture table of notebook 00."""
     t = text_config(cfg)
     shapes = layer_parameter_shapes(cfg)
-    e, i, h = t["num_experts"], t["moe_intermediate_size"], t["hidden_size"]
+    e, i = t["num_experts"], t["moe_intermediate_size"]
     role = {
         "linear_attn.in_proj_qkv.weight": "Gated DeltaNet: q, k (key heads) and v (value heads) projections, fused",
         "linear_attn.in_proj_z.weight": "output gate z (value heads)",

@@ -30,10 +30,8 @@ Collection, two ways (``nexlab imatrix MODEL`` picks one from MODEL):
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -612,28 +610,11 @@ class _EvalCollector:
         return Imatrix(entries, [dataset] if dataset else [], chunk_count, chunk_size)
 
 
-@contextlib.contextmanager
 def _llama_log(keep: int = 200):
-    """Collect llama.cpp's log lines (the last ``keep``) instead of printing them; llama-cpp-python's own
-    log callback is put back afterwards."""
-    import llama_cpp as ll  # noqa: PLC0415
+    """llama.cpp's log lines collected instead of printed (:func:`nexlab.llamacpp.capture_llama_log`)."""
+    from nexlab.llamacpp import capture_llama_log  # noqa: PLC0415
 
-    lines: deque[str] = deque(maxlen=keep)
-
-    @ll.llama_log_callback
-    def cb(level, text, user_data):  # noqa: ARG001
-        lines.append(text.decode("utf-8", "replace"))
-
-    ll.llama_log_set(cb, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        try:
-            from llama_cpp import _logger  # noqa: PLC0415
-
-            ll.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        except (ImportError, AttributeError):
-            ll.llama_log_set(None, ctypes.c_void_p(0))
+    return capture_llama_log(keep)
 
 
 def _positive(name: str, value, flag: str) -> int:

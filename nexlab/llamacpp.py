@@ -654,6 +654,33 @@ def llama_mib(nbytes: int) -> str:
     return "%.2f" % float(np.float32(nbytes) / np.float32(1024.0 * 1024.0))
 
 
+@contextlib.contextmanager
+def capture_llama_log(keep: int | None = None):
+    """Collect llama.cpp's log lines (the last ``keep``, or all) instead of printing them; yields the
+    list (a deque when ``keep``). llama-cpp-python's own log callback is put back afterwards."""
+    import collections  # noqa: PLC0415
+    import ctypes  # noqa: PLC0415
+
+    import llama_cpp as ll  # noqa: PLC0415
+
+    lines = collections.deque(maxlen=keep) if keep else []
+
+    @ll.llama_log_callback
+    def cb(level, text, user_data):  # noqa: ARG001
+        lines.append(text.decode("utf-8", "replace"))
+
+    ll.llama_log_set(cb, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        try:
+            from llama_cpp import _logger  # noqa: PLC0415
+
+            ll.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        except (ImportError, AttributeError):
+            ll.llama_log_set(None, ctypes.c_void_p(0))
+
+
 class LlamaCppProbe:
     """Load a GGUF in llama.cpp (CPU, mmap) and read what a context allocates, from llama.cpp's log.
 
@@ -676,28 +703,7 @@ class LlamaCppProbe:
             raise RuntimeError(f"llama.cpp could not load {self.path}:\n{''.join(log)[-2000:]}")
 
     def _capture(self):
-        import contextlib  # noqa: PLC0415
-        import ctypes  # noqa: PLC0415
-        ll = self._ll
-
-        @contextlib.contextmanager
-        def cm():
-            lines: list[str] = []
-
-            @ll.llama_log_callback
-            def cb(level, text, user_data):  # noqa: ARG001
-                lines.append(text.decode("utf-8", "replace"))
-
-            ll.llama_log_set(cb, ctypes.c_void_p(0))
-            try:
-                yield lines
-            finally:
-                try:
-                    from llama_cpp import _logger  # noqa: PLC0415
-                    ll.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-                except (ImportError, AttributeError):
-                    ll.llama_log_set(None, ctypes.c_void_p(0))  # back to llama.cpp's stderr default
-        return cm()
+        return capture_llama_log()
 
     def model_size(self) -> int:
         return int(self._ll.llama_model_size(self.model))

@@ -51,6 +51,19 @@ def load(output_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+#: Committed benchmark results (``data/results/NAME.json``), written by the scripts in benchmarks/.
+COMMITTED_RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
+
+
+def committed_result(name: str) -> dict:
+    """The committed result ``data/results/{name}.json`` of a benchmark too long to run in a notebook
+    (e.g. ``full_size``: ``python benchmarks/full_size.py``); FileNotFoundError naming the command."""
+    path = COMMITTED_RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `python benchmarks/{name}.py` to produce it")
+    return json.loads(path.read_text())
+
+
 def record(output_dir: str | os.PathLike, **figures: Any) -> Path:
     """Merge ``figures`` into ``output_dir/results.json`` and return its path.
 
