@@ -53,6 +53,8 @@ __all__ = [
     "collect_imatrix",
     "collect_imatrix_gguf",
     "read_calibration_text",
+    "run_llama_imatrix",
+    "compare_imatrix",
     "unrouted_experts",
     "summary_line",
     "register_cli",
@@ -780,6 +782,44 @@ def read_calibration_text(path: str | os.PathLike) -> bytes:
     if not data.strip():
         raise ValueError(f"calibration text file {p} is empty")
     return data
+
+
+def run_llama_imatrix(model_path: str | os.PathLike, text_file: str | os.PathLike, out_path: str | os.PathLike, *,
+                      n_ctx: int = 512, n_chunks: int | None = None, n_threads: int = 2,
+                      extra_args: Sequence[str] = (), timeout: float | None = None) -> Imatrix:
+    """Run llama.cpp's own ``llama-imatrix`` (the reference of :func:`collect_imatrix_gguf`) and read
+    what it wrote: ``-m MODEL -f TEXT -c n_ctx [--chunks N] -t n_threads --no-ppl -o OUT``. Raises
+    RuntimeError with the tool's last output when it fails; FileNotFoundError when it is not built."""
+    import subprocess  # noqa: PLC0415
+
+    from nexlab.llamacpp import tool_path  # noqa: PLC0415
+
+    cmd = [str(tool_path("llama-imatrix")), "-m", str(model_path), "-f", str(text_file), "-c", str(int(n_ctx)),
+           "-t", str(int(n_threads)), "--no-ppl", "-o", str(out_path)]
+    if n_chunks is not None:
+        cmd += ["--chunks", str(int(n_chunks))]
+    r = subprocess.run(cmd + [str(a) for a in extra_args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-imatrix failed ({r.returncode}) on {model_path}:\n{r.stderr[-3000:]}")
+    return read_imatrix(out_path)
+
+
+def compare_imatrix(a: Imatrix, b: Imatrix) -> dict:
+    """How far ``a`` is from ``b``: same entry names, counts exactly equal, the largest relative difference
+    of ``in_sum2`` over all entries (``|a - b| / |b|``, zeros where both are zero)."""
+    worst, counts_equal = 0.0, True
+    same = sorted(a.entries) == sorted(b.entries)
+    for name in sorted(set(a.entries) & set(b.entries)):
+        x, y = a.entries[name], b.entries[name]
+        if x.in_sum2.shape != y.in_sum2.shape:
+            same = False
+            continue
+        counts_equal &= bool(np.array_equal(x.counts, y.counts))
+        xd, yd = x.in_sum2.astype(np.float64), y.in_sum2.astype(np.float64)
+        d = np.abs(xd - yd)
+        rel = np.divide(d, np.abs(yd), out=np.where(d > 0, np.inf, 0.0), where=yd != 0)
+        worst = max(worst, float(rel.max(initial=0.0)))
+    return {"same_entries": same, "counts_equal": counts_equal, "max_rel_diff": worst, "entries": len(a.entries)}
 
 
 def unrouted_experts(imatrix: Imatrix) -> dict[int, list[int]]:

@@ -11,7 +11,6 @@ exercise, is proved on ggml tensors built with libggml itself against numpy.
 from __future__ import annotations
 
 import ctypes
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ import gguf
 from nexlab import imatrix as IM
 from nexlab.cli import main
 from nexlab.convert import convert_checkpoint
-from nexlab.llamacpp import tool_path
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +38,19 @@ def q8_gguf(tiny, tmp_path_factory):  # noqa: F811
     return out
 
 
-def llama_imatrix(model, text, out, *args) -> IM.Imatrix:
-    """Run the real llama-imatrix (no perplexity, 2 threads) and read what it wrote."""
-    cmd = [str(tool_path("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(out), "--no-ppl", "-t", "2",
-           *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return IM.read_imatrix(out)
+def llama_imatrix(model, text, out, n_ctx, n_chunks, *extra) -> IM.Imatrix:
+    """The real llama-imatrix (no perplexity, 2 threads) through nexlab.imatrix.run_llama_imatrix."""
+    return IM.run_llama_imatrix(model, text, out, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=2, extra_args=extra,
+                                timeout=300)
+
+
+def test_compare_imatrix_sees_a_difference(tmp_path):
+    a = IM.Imatrix({"blk.0.attn_qkv.weight": IM.ImatrixEntry(np.ones((1, 4), np.float32), np.ones(1, np.float32))},
+                   [], 1, 4)
+    b = IM.Imatrix({"blk.0.attn_qkv.weight": IM.ImatrixEntry(np.full((1, 4), 1.01, np.float32), np.ones(1, np.float32))},
+                   [], 1, 4)
+    assert IM.compare_imatrix(a, a)["max_rel_diff"] == 0.0
+    assert 0.009 < IM.compare_imatrix(a, b)["max_rel_diff"] < 0.011
 
 
 def assert_same_imatrix(mine: IM.Imatrix, ref: IM.Imatrix) -> None:
@@ -67,8 +71,7 @@ def expert_used_count(model) -> int:
 def test_cli_on_nvfp4_bf16_gguf_matches_llama_imatrix(nexlab_gguf, calib_text, tmp_path, capsys):  # noqa: F811
     """Default batching (2048 // 128 = 16 chunks per decode, ubatches of 512), with --process-output."""
     model = nexlab_gguf("nvfp4")
-    ref = llama_imatrix(model, calib_text, tmp_path / "ref.imatrix.gguf", "-c", 128, "--chunks", 4,
-                        "--process-output")
+    ref = llama_imatrix(model, calib_text, tmp_path / "ref.imatrix.gguf", 128, 4, "--process-output")
     out = tmp_path / "mine.imatrix.gguf"
     assert main(["imatrix", str(model), "--text", str(calib_text), "--ctx", "128", "--chunks", "4", "--threads", "2",
                  "--process-output", "-o", str(out)]) == 0
@@ -88,8 +91,7 @@ def test_cli_on_nvfp4_bf16_gguf_matches_llama_imatrix(nexlab_gguf, calib_text, t
 def test_api_on_q8_0_gguf_matches_llama_imatrix_across_small_batches(q8_gguf, calib_text, tmp_path):
     """-b 64 -ub 64 with 136-token chunks: every chunk is decoded as 64 + 64 + 8 tokens; the 8-token
     graphs are skipped for dense weights (fewer than 16 rows) but not for the experts."""
-    ref = llama_imatrix(q8_gguf, calib_text, tmp_path / "ref.imatrix.gguf", "-c", 136, "--chunks", 3,
-                        "-b", 64, "-ub", 64)
+    ref = llama_imatrix(q8_gguf, calib_text, tmp_path / "ref.imatrix.gguf", 136, 3, "-b", 64, "-ub", 64)
     mine = IM.collect_imatrix_gguf(q8_gguf, IM.read_calibration_text(calib_text), n_ctx=136, n_chunks=3, n_threads=2,
                                    n_batch=64, n_ubatch=64, dataset=str(calib_text), progress=False)
     assert_same_imatrix(mine, ref)
@@ -109,7 +111,7 @@ def test_bos_replaces_each_chunks_first_token_like_llama_imatrix(nexlab_gguf, ca
     writer = gguf.GGUFWriter(model, arch=arch, endianess=reader.endianess)
     add_bos = {gguf.Keys.Tokenizer.ADD_BOS: MetadataDetails(gguf.GGUFValueType.BOOL, True)}
     copy_with_new_metadata(reader, writer, add_bos, [])
-    ref = llama_imatrix(model, calib_text, tmp_path / "ref.imatrix.gguf", "-c", 64, "--chunks", 3)
+    ref = llama_imatrix(model, calib_text, tmp_path / "ref.imatrix.gguf", 64, 3)
     kw = dict(n_ctx=64, n_chunks=3, n_threads=2, dataset=str(calib_text), progress=False)
     text = IM.read_calibration_text(calib_text)
     mine = IM.collect_imatrix_gguf(model, text, **kw)
