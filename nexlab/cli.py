@@ -21,6 +21,7 @@ _SUBCOMMAND_MODULES = (
     "nexlab.memory",        # nexlab memory
     "nexlab.llamacpp",      # nexlab setup
     "nexlab.synth",         # nexlab synth
+    "nexlab.bench",         # nexlab bench, stock, bandwidth
     "nexlab.roofline",      # nexlab roofline
 )
 
