@@ -126,23 +126,14 @@ def tensor_data_sha256(path: Path) -> tuple[str, int]:
 
 
 def machine() -> dict:
-    import importlib.metadata as md  # noqa: PLC0415
+    """The machine as nexlab.bench describes it for every benchmark record (CPU, cores, memory), with
+    ``cores`` the logical CPUs, the kernel, the package versions and how llama.cpp was built."""
+    from nexlab.bench import device_info, llama_cpp_build  # noqa: PLC0415
+    from nexlab.results import versions  # noqa: PLC0415
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
-               if ln.startswith("MemTotal"))
-    from nexlab.llamacpp import LLAMA_CPP_PYTHON_VERSION, tools_dir  # noqa: PLC0415
-
-    build = {}
-    try:
-        build = json.loads((tools_dir() / "BUILD.json").read_text())
-    except (OSError, ValueError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "nexlab": md.version("nexlab"),
-            "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "numpy": md.version("numpy"),
-            "llama_cpp_build": {k: build.get(k) for k in ("commit", "compiler", "jobs") if k in build}}
+    dev = device_info()
+    return {**dev, "cores": dev["logical_cpus"], "kernel": platform.release(), "versions": versions(),
+            "llama_cpp_build": llama_cpp_build()}
 
 
 def dd_bound(folder: Path, gib: int) -> dict:

@@ -55,6 +55,7 @@ __all__ = [
     "read_calibration_text",
     "run_llama_imatrix",
     "compare_imatrix",
+    "relative_drift",
     "unrouted_experts",
     "summary_line",
     "register_cli",
@@ -612,13 +613,6 @@ class _EvalCollector:
         return Imatrix(entries, [dataset] if dataset else [], chunk_count, chunk_size)
 
 
-def _llama_log(keep: int = 200):
-    """llama.cpp's log lines collected instead of printed (:func:`nexlab.llamacpp.capture_llama_log`)."""
-    from nexlab.llamacpp import capture_llama_log  # noqa: PLC0415
-
-    return capture_llama_log(keep)
-
-
 def _positive(name: str, value, flag: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}")
@@ -662,7 +656,7 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
     """
     import llama_cpp as ll  # noqa: PLC0415
 
-    from nexlab.llamacpp import check_gguf_path, open_model  # noqa: PLC0415
+    from nexlab.llamacpp import capture_llama_log, check_gguf_path, open_model  # noqa: PLC0415
     from nexlab.progress import progress as bar  # noqa: PLC0415
 
     n_ctx = _positive("n_ctx", n_ctx, "--ctx")
@@ -712,7 +706,7 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
         cp.no_perf = False
         cp.cb_eval = collector.c_callback
         cp.cb_eval_user_data = None
-        with _llama_log() as log:
+        with capture_llama_log(200) as log:
             ctx = ll.llama_init_from_model(llm.model, cp)
         if not ctx:
             raise ValueError(f"llama.cpp could not create a context for {path} (n_ctx {n_kv}, {n_seq} sequences): "
@@ -749,7 +743,7 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
                     pos[:n] = np.tile(j * n_batch + np.arange(size, dtype=np.int32), n_seq_batch)
                     seq[:n] = np.repeat(np.arange(n_seq_batch, dtype=np.int32), size)
                     batch.n_tokens = n
-                    with _llama_log() as log:
+                    with capture_llama_log(200) as log:
                         rc = ll.llama_decode(ctx, batch)
                     if collector.error is not None:
                         raise collector.error
@@ -820,6 +814,19 @@ def compare_imatrix(a: Imatrix, b: Imatrix) -> dict:
         rel = np.divide(d, np.abs(yd), out=np.where(d > 0, np.inf, 0.0), where=yd != 0)
         worst = max(worst, float(rel.max(initial=0.0)))
     return {"same_entries": same, "counts_equal": counts_equal, "max_rel_diff": worst, "entries": len(a.entries)}
+
+
+def relative_drift(a: Imatrix, b: Imatrix) -> dict[str, float]:
+    """Per dense entry (one matrix) present in both: ``||a - b|| / ||b||`` of the per-column mean squares
+    (``in_sum2 / count``), e.g. llama.cpp's collection against transformers' float32 one."""
+    out = {}
+    for name in sorted(set(a.entries) & set(b.entries)):
+        x, y = a.entries[name], b.entries[name]
+        if x.n_mat != 1 or y.n_mat != 1:
+            continue
+        mx, my = x.in_sum2 / x.counts[:, None], y.in_sum2 / y.counts[:, None]
+        out[name] = float(np.linalg.norm(mx - my) / np.linalg.norm(my))
+    return out
 
 
 def unrouted_experts(imatrix: Imatrix) -> dict[int, list[int]]:

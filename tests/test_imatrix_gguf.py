@@ -51,6 +51,7 @@ def test_compare_imatrix_sees_a_difference(tmp_path):
                    [], 1, 4)
     assert IM.compare_imatrix(a, a)["max_rel_diff"] == 0.0
     assert 0.009 < IM.compare_imatrix(a, b)["max_rel_diff"] < 0.011
+    assert IM.relative_drift(b, a) == pytest.approx({"blk.0.attn_qkv.weight": 0.01}, rel=1e-5)
 
 
 def assert_same_imatrix(mine: IM.Imatrix, ref: IM.Imatrix) -> None:
