@@ -30,8 +30,13 @@ the llama.cpp tree llama-cpp-python 0.3.36 vendors):
   ``speed_tg`` its S_TG t/s).
 - batched-bench silently skips a stream count whose N_KV exceeds the context, so nexlab passes
   ``-c max(B) * (PP + TG)``: with the default split cache each of the ``max(B)`` sequences then gets
-  ``PP + TG`` cells (llama.cpp rounds a sequence's share up to a multiple of 256), and a row missing
-  from the output is an error.
+  ``PP + TG`` cells (llama.cpp rounds a sequence's share up to a multiple of 256).
+- batched-bench prints its rows through llama.cpp's common logger, which writes from a background
+  thread and is not flushed when the tool exits (common/log.cpp, ``common_log_main``; upstream
+  issue ggml-org/llama.cpp#22142): now and then the last row, the largest B, never reaches stdout
+  although the tool exits 0. nexlab reruns the stream counts whose rows are missing (each rerun
+  measures only those, :data:`BATCHED_ATTEMPTS` runs in all) and records how many runs it took
+  (``runs``); a row still missing after that is an error.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ __all__ = [
     "variant_label",
     "device_info",
     "llama_cpp_build",
+    "BATCHED_ATTEMPTS",
     "batched_ctx",
     "llama_bench",
     "batched_bench",
@@ -267,10 +273,19 @@ def _run_tool(cmd: list[str], file: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the two tools
+#: llama-batched-bench runs per call at most: the first, then reruns of stream counts whose rows were lost
+BATCHED_ATTEMPTS = 3
+
+
+#: tokens of llama-batched-bench's warm-up decode, which must fit in its one batch of at most n_ctx tokens
+BATCHED_WARMUP_TOKENS = 16
+
+
 def batched_ctx(parallel: Sequence[int], npl_pp: int, npl_tg: int) -> int:
     """The ``-c`` nexlab gives llama-batched-bench: ``max(B) * (PP + TG)``, so the largest stream count
-    fits (it needs N_KV = B * (PP + TG) cells; batched-bench skips a B that does not fit)."""
-    return max(parallel) * (int(npl_pp) + int(npl_tg))
+    fits (it needs N_KV = B * (PP + TG) cells; batched-bench skips a B that does not fit), and at least
+    the :data:`BATCHED_WARMUP_TOKENS` of its warm-up (a smaller context aborts it in ``get_sub_batch``)."""
+    return max(max(parallel) * (int(npl_pp) + int(npl_tg)), BATCHED_WARMUP_TOKENS)
 
 
 def _check_common(threads: int, batch: int, ubatch: int) -> tuple[int, int, int]:
@@ -348,22 +363,29 @@ def _batched_bench(info: dict, device: dict, build: dict, *, parallel: tuple[int
     cmd = [str(tool_path("llama-batched-bench")), "-m", info["path"], "-c", str(ctx), "-b", str(batch),
            "-ub", str(ubatch), "-npp", str(npl_pp), "-ntg", str(npl_tg), "-npl", ",".join(map(str, parallel)),
            "-t", str(threads), "--output-format", "jsonl"]
-    out = _run_tool(cmd, info["path"])
+    npl = cmd.index("-npl") + 1
     common = _common(info, label, threads, device, build, "llama-batched-bench", cmd)
-    rows = {}
-    for line in out.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            missing = [k for k in BATCHED_BENCH_FIELDS if k not in row]
-            if missing:
-                raise RuntimeError(f"llama-batched-bench's JSONL lacks {', '.join(missing)}: "
-                                   "update nexlab.bench.BATCHED_BENCH_FIELDS")
-            rows[row["pl"]] = row
+    rows, runs = {}, {}
+    for attempt in range(1, BATCHED_ATTEMPTS + 1):
+        absent = [b for b in parallel if b not in rows]
+        if not absent:
+            break
+        cmd[npl] = ",".join(map(str, absent))
+        for line in _run_tool(cmd, info["path"]).splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                missing = [k for k in BATCHED_BENCH_FIELDS if k not in row]
+                if missing:
+                    raise RuntimeError(f"llama-batched-bench's JSONL lacks {', '.join(missing)}: "
+                                       "update nexlab.bench.BATCHED_BENCH_FIELDS")
+                rows.setdefault(row["pl"], row)
+                runs.setdefault(row["pl"], attempt)
     absent = [b for b in parallel if b not in rows]
     if absent:
         raise RuntimeError(f"llama-batched-bench gave no row for {', '.join(map(str, absent))} streams on "
-                           f"{info['path']} (context {ctx})")
-    return [{**common, "ctx": ctx, **{k: rows[b][k] for k in BATCHED_BENCH_FIELDS}} for b in parallel]
+                           f"{info['path']} (context {ctx}) in {BATCHED_ATTEMPTS} runs")
+    return [{**common, "ctx": ctx, "runs": runs[b], **{k: rows[b][k] for k in BATCHED_BENCH_FIELDS}}
+            for b in parallel]
 
 
 def run_bench(files: str | os.PathLike | Sequence[str | os.PathLike], *, pp: int = 512, tg: int = 64,

@@ -88,8 +88,49 @@ def test_batched_bench_has_one_row_per_stream_count(records):
         assert r["n_kv"] == r["pl"] * (PP + TG)
         assert r["ctx"] == max(PARALLEL) * (PP + TG) == B.batched_ctx(PARALLEL, PP, TG) <= r["n_kv_max"]
         assert f"-c {r['ctx']} " in r["command"] and "-npl 1,2 " in r["command"]
+        assert 1 <= r["runs"] <= B.BATCHED_ATTEMPTS
         for k in ("t_pp", "speed_pp", "t_tg", "speed_tg", "t", "speed"):
             assert math.isfinite(r[k]) and r[k] > 0, k
+
+
+def _losing_rows(monkeypatch, lost_runs: int):
+    """Wrap the real tool runner so that the first ``lost_runs`` runs lose their last JSONL row, as
+    llama.cpp's unflushed logger sometimes does (see nexlab.bench); return the -npl of every run."""
+    real, npls = B._run_tool, []
+
+    def run(cmd, file):
+        out = real(cmd, file)
+        npls.append(cmd[cmd.index("-npl") + 1])
+        if len(npls) <= lost_runs:
+            lines = out.splitlines()
+            last = max(i for i, ln in enumerate(lines) if ln.startswith("{"))
+            out = "\n".join(lines[:last] + lines[last + 1:])
+        return out
+
+    monkeypatch.setattr(B, "_run_tool", run)
+    return npls
+
+
+def test_batched_bench_reruns_only_the_stream_counts_whose_rows_were_lost(nexlab_gguf, monkeypatch):  # noqa: F811
+    npls = _losing_rows(monkeypatch, 1)
+    recs = B.batched_bench(nexlab_gguf("nvfp4"), parallel=(1, 2, 4), npl_pp=8, npl_tg=2, threads=1)
+    assert npls == ["1,2,4", "4"]
+    assert [(r["pl"], r["runs"]) for r in recs] == [(1, 1), (2, 1), (4, 2)]
+    assert all("-npl 1,2,4 " in r["command"] and r["n_kv"] == r["pl"] * 10 for r in recs)
+
+
+def test_batched_bench_context_holds_the_warm_up(nexlab_gguf):  # noqa: F811
+    """One stream of 4 + 2 tokens needs 6 cells, but batched-bench's 16-token warm-up must fit too."""
+    assert B.batched_ctx((1,), 4, 2) == B.BATCHED_WARMUP_TOKENS == 16 and B.batched_ctx((2,), 8, 2) == 20
+    (r,) = B.batched_bench(nexlab_gguf("nvfp4"), parallel=(1,), npl_pp=4, npl_tg=2, threads=1)
+    assert (r["pl"], r["n_kv"], r["ctx"]) == (1, 6, 16)
+
+
+def test_batched_bench_row_lost_in_every_run_is_an_error(nexlab_gguf, monkeypatch):  # noqa: F811
+    npls = _losing_rows(monkeypatch, B.BATCHED_ATTEMPTS)
+    with pytest.raises(RuntimeError, match=r"no row for 1 streams .* in 3 runs"):
+        B.batched_bench(nexlab_gguf("nvfp4"), parallel=(1,), npl_pp=8, npl_tg=2, threads=1)
+    assert npls == ["1"] * B.BATCHED_ATTEMPTS
 
 
 def test_batched_bench_rates_are_stream_tokens_over_its_times(records):
