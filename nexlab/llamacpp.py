@@ -15,7 +15,8 @@ Python bindings agree on every format detail.
   ``--outtype bf16 --no-mtp``, run by this interpreter with the tree's own ``gguf-py``;
   ``tokenizer_pre=`` sets ``$NEXLAB_TOKENIZER_PRE`` for it.
 - :func:`build_tools` builds ``llama-bench``, ``llama-batched-bench``, ``llama-imatrix``,
-  ``llama-perplexity``, ``llama-quantize`` and ``llama-server`` (CPU, static, Release) with cmake;
+  ``llama-perplexity``, ``llama-quantize``, ``llama-server`` and ``llama-mtmd-cli`` (the multimodal
+  tool that loads an mmproj; CPU, static, Release) with cmake;
   :func:`tool_path` finds one. ``nexlab setup`` (run by ``make install``) does both steps.
 - :func:`llama_server` starts ``llama-server`` on a free port and stops it again.
 - ``benchmark_conversion`` times nexlab against the reference converter; ``open_model`` and
@@ -25,7 +26,7 @@ Cache (``cache_dir()``: ``$NEXLAB_CACHE``, else ``$XDG_CACHE_HOME/nexlab``, else
 ``~/.cache/nexlab``), keyed by the llama-cpp-python version so every clone on a machine shares it::
 
     llama.cpp-0.3.36/src/   the vendored tree (SOURCE.json: what was fetched and patched)
-    llama.cpp-0.3.36/bin/   the six tools (BUILD.json: cmake options, compiler, seconds)
+    llama.cpp-0.3.36/bin/   the tools of TOOLS (BUILD.json: cmake options, compiler, seconds)
     llama.cpp-0.3.36/.lock  serialises fetching and building between processes
 
 Both folders appear by one rename when complete, so a folder that exists is whole.
@@ -57,7 +58,10 @@ from nexlab.fileio import atomic_write_text, locked, replace_directory
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the one pin: sdist fetched, tools built, bindings checked against it
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-imatrix", "llama-perplexity", "llama-quantize", "llama-server")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-imatrix", "llama-perplexity", "llama-quantize", "llama-server",
+         "llama-mtmd-cli")
+# A cache built before a tool joined TOOLS lacks it: missing_tools() is then non-empty and the next
+# `nexlab setup` (run by `make install` / `make test`) rebuilds the whole set once, under the cache lock
 
 # cmake options of the tool build; anything not named keeps the tree's default, as in llama-cpp-python's
 # own build (so GGML_NATIVE stays ON: the CPU backend is compiled for this machine)
@@ -250,8 +254,12 @@ def reference_converter() -> Path:
 
 
 def reference_command(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, *, python: str = sys.executable,
-                      extra_args: tuple[str, ...] = (), tokenizer_pre: str | None = None) -> tuple[list[str], dict]:
+                      extra_args: tuple[str, ...] = (), tokenizer_pre: str | None = None,
+                      mmproj: str | None = None) -> tuple[list[str], dict]:
     """Command line and environment that run the reference converter (BF16 outtype, no MTP).
+
+    ``mmproj`` (``f16``, ``bf16``, ``f32``): convert the vision tower instead, ``--mmproj --outtype
+    MMPROJ`` (the mmproj converter takes no ``--no-mtp``; it never writes MTP tensors).
 
     ``PYTHONPATH`` puts the tree's own ``gguf-py`` first, so the converter writes with the gguf
     code of its commit, not the installed ``gguf`` package. ``tokenizer_pre`` goes to
@@ -264,21 +272,25 @@ def reference_command(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, 
     env.pop(PRETOKENIZER_ENV, None)
     if tokenizer_pre is not None:
         env[PRETOKENIZER_ENV] = str(tokenizer_pre)
+    mode = ["--outtype", "bf16", "--no-mtp"] if mmproj is None else ["--outtype", str(mmproj), "--mmproj"]
     cmd = [python, str(conv), str(Path(ckpt_dir).resolve()), "--outfile", str(Path(out_path).resolve()),
-           "--outtype", "bf16", "--no-mtp", *extra_args]
+           *mode, *extra_args]
     return cmd, env
 
 
 def run_reference_converter(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, *,
                             python: str = sys.executable, timeout: float = 1800,
-                            extra_args: tuple[str, ...] = (), tokenizer_pre: str | None = None) -> Path:
+                            extra_args: tuple[str, ...] = (), tokenizer_pre: str | None = None,
+                            mmproj: str | None = None) -> Path:
     """Convert ``ckpt_dir`` with llama.cpp's converter to ``out_path``; raise with its stderr on failure.
+
+    ``mmproj``: write the vision tower's mmproj with that outtype instead (:func:`reference_command`).
 
     ``tokenizer_pre``: the pre-tokenizer name for a self-made BPE tokenizer (:func:`reference_command`);
     a caller comparing with nexlab's file states the name it expects, e.g. ``qwen35`` for the tiny model.
     """
     cmd, env = reference_command(ckpt_dir, out_path, python=python, extra_args=extra_args,
-                                 tokenizer_pre=tokenizer_pre)
+                                 tokenizer_pre=tokenizer_pre, mmproj=mmproj)
     r = subprocess.run(cmd, env=env, cwd=Path(cmd[1]).parent, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed on {ckpt_dir} ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -391,7 +403,7 @@ def _stream(cmd: list[str], log_file, *, label: str, log: Callable[[str], None],
 def build_tools(*, jobs: int | None = None, force: bool = False, log: Callable[[str], None] = print) -> dict:
     """Build :data:`TOOLS` from :func:`llamacpp_source` with cmake; return BUILD.json's content.
 
-    Configured with :data:`CMAKE_OPTIONS` (Release, static, CPU, no HTTPS, no web UI), only the six
+    Configured with :data:`CMAKE_OPTIONS` (Release, static, CPU, no HTTPS, no web UI), only those
     targets built (``cmake --build --target ...``), ``jobs`` parallel jobs (default: every CPU).
     The build runs in a temporary folder; its ``bin`` is renamed into place when every tool is
     there, under the cache lock. An existing complete build is kept unless ``force``.

@@ -1,0 +1,572 @@
+"""The vision tower as llama.cpp's multimodal library (mtmd) loads it: the mmproj GGUF.
+
+Nex-N2-mini is a vision-language model (``Qwen3_5MoeForConditionalGeneration``): beside the text
+model sits a ViT (``model.visual.*``) whose output tokens are spliced into the text sequence.
+llama.cpp keeps the two apart: the text GGUF (``qwen35moe``, :mod:`nexlab.convert`) and an
+"mmproj" GGUF (architecture ``clip``, projector type ``qwen3vl_merger``) that ``llama-mtmd-cli``,
+``llama-server --mmproj`` and libmtmd load. How an image becomes tokens (Qwen3-VL style, which
+Qwen3.5 keeps):
+
+1. the image is resized to multiples of ``patch_size * spatial_merge_size`` (32 px) and
+   normalised with the processor's ``image_mean`` / ``image_std``;
+2. each 16x16 patch (the frame repeated twice: ``temporal_patch_size`` 2) is embedded by a Conv3d,
+   stored as two Conv2d kernels ``v.patch_embd.weight`` / ``.weight.1`` whose outputs are summed;
+3. a learned position embedding of ``num_position_embeddings`` (a 48x48 grid for Nex-N2-mini) is
+   bilinearly resized to the image's patch grid and added; 2-D rotary embeddings inside attention;
+4. ``depth`` pre-LayerNorm ViT blocks (fused qkv with biases, GELU-tanh MLP);
+5. the merger: LayerNorm, then each 2x2 block of patches is concatenated (4 x hidden) and mapped by
+   fc1 -> GELU -> fc2 to the text model's hidden size: one text token per 32x32 pixels.
+
+What the file holds is decided by :func:`mmproj_specs` (names, shapes, ggml types, the checkpoint
+tensor each comes from) and :func:`add_mmproj_metadata` (``clip.*`` keys); :func:`plan_mmproj`
+attaches "how to make the bytes" (the patch-embedding split, float32 -> F16/BF16/F32) and
+:func:`convert_mmproj` writes it with :func:`nexlab.convert.write_gguf` (validated first,
+streamed, atomic, progress bar). The reference is llama.cpp's own ``convert_hf_to_gguf.py
+--mmproj`` (``Qwen3VLVisionModel`` in ``conversion/qwen3vl.py`` and ``MmprojModel`` in
+``conversion/base.py`` of the llama.cpp tree in llama-cpp-python 0.3.36): the tests compare both
+files tensor for tensor and key for key (byte-equal), run ``llama-mtmd-cli`` on the result and
+compare llama.cpp's image embeddings with transformers' vision tower.
+
+Sizes come from the same plan: :func:`mmproj_file_nbytes` packs the planned header with gguf-py
+(:mod:`nexlab.gguf_layout`), so the predicted size of Nex-N2-mini's F16 mmproj is the size of
+the file this module writes. See :func:`explain_seed_size` for how that compares with the seed's
+903 MB and the workbook's earlier 899.3 MB estimate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- constants
+MMPROJ_ARCH = "clip"                  # gguf.MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]
+PROJECTOR_TYPE = "qwen3vl_merger"     # gguf.VisionProjectorType.QWEN3VL
+VISUAL_PREFIXES = ("model.visual.", "visual.")  # published Qwen3.5 checkpoints: model.visual.*
+DTYPES = ("f16", "bf16", "f32")       # --outtype of the reference converter (q8_0 is not offered)
+SEED_MMPROJ_MB = 903                  # mmproj-Nex-N2-mini-F16.gguf on the seed's model card (decimal MB)
+
+# Qwen3.5 / Qwen3-VL image processor settings as the published preprocessor_config.json carries
+# them (Qwen2VLImageProcessorFast); the converter reads image_mean and image_std.
+PREPROCESSOR_CONFIG = {
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "merge_size": 2,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+}
+
+
+def _gguf():
+    import gguf  # noqa: PLC0415
+
+    return gguf
+
+
+# ----------------------------------------------------------------------------- the tiny vision-language model
+# A small Qwen3_5MoeVisionConfig with every structural feature of the real tower: several blocks,
+# multi-head attention with 2-D rotary (head dim 32), the 2x2 merger to the text hidden size (256,
+# the tiny text model's), a learned 8x8 position grid (image_size 128) that llama.cpp resizes.
+TINY_VL_VISION = {
+    "deepstack_visual_indexes": [],
+    "depth": 2,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 128,
+    "in_channels": 3,
+    "initializer_range": 0.02,
+    "intermediate_size": 256,
+    "model_type": "qwen3_5_moe",
+    "num_heads": 4,
+    "num_position_embeddings": 64,
+    "out_hidden_size": 256,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+TINY_VL_FORMAT = 1  # bump when the tiny VL checkpoint's recipe changes (part of its cache key)
+
+
+def tiny_vl_paths(artifacts_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Where :func:`ensure_tiny_vl` puts the tiny vision-language checkpoint (nothing is created)."""
+    from nexlab.models import tiny_paths  # noqa: PLC0415
+
+    a = tiny_paths(artifacts_dir)["artifacts"]
+    return {"artifacts": a, "ckpt": a / "tiny-vl" / "bf16", "build_json": a / "tiny-vl" / "build.json"}
+
+
+def _vision_kind(key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return "bias"
+    if ("norm" in key.rsplit(".", 2)[-2]) and leaf == "weight":
+        return "norm"
+    if key.endswith("pos_embed.weight"):
+        return "pos"
+    return "weight"
+
+
+def random_vision_tensors(cfg: dict, seed: int) -> dict[str, Any]:
+    """Seeded BF16 values for every ``model.visual.*`` tensor of ``cfg`` (names and shapes from
+    transformers' ``Qwen3_5MoeForConditionalGeneration`` on the meta device).
+
+    Weights N(0, 1/fan_in) so activations keep their scale through the blocks; biases N(0, 0.05),
+    LayerNorm weights 1 + N(0, 0.1) and biases N(0, 0.05), position embeddings N(0, 0.5): every
+    tensor differs from its default, so a tensor mapped to the wrong place changes the output.
+    One ``torch.Generator`` seeded with ``seed``, keys in sorted order: deterministic.
+    """
+    import torch  # noqa: PLC0415
+
+    from nexlab.synth import _meta_state_dict_shapes  # noqa: PLC0415
+
+    shapes = {k: v for k, v in _meta_state_dict_shapes(cfg).items() if k.startswith("model.visual.")}
+    g = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for key in sorted(shapes):
+        shape = shapes[key]
+        z = torch.randn(shape, generator=g, dtype=torch.float32)
+        kind = _vision_kind(key)
+        if kind == "bias":
+            v = 0.05 * z
+        elif kind == "norm":
+            v = 1.0 + 0.1 * z
+        elif kind == "pos":
+            v = 0.5 * z
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            v = z / np.sqrt(fan_in)
+        out[key] = v.to(torch.bfloat16)
+    return out
+
+
+def _tiny_vl_key(text_ckpt: Path, seed: int) -> str:
+    """Cache key: the text checkpoint it derives from (its index and config bytes), the vision
+    config, the seed and :data:`TINY_VL_FORMAT`."""
+    h = hashlib.sha256()
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
+        h.update((text_ckpt / name).read_bytes())
+    for shard in sorted(text_ckpt.glob("*.safetensors")):
+        h.update(f"{shard.name}:{shard.stat().st_size}".encode())
+    h.update(json.dumps([TINY_VL_VISION, PREPROCESSOR_CONFIG, seed, TINY_VL_FORMAT], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def write_vl_checkpoint(text_ckpt: str | os.PathLike, out_dir: str | os.PathLike, vision: dict, *, seed: int = 0,
+                        min_shards: int = 2) -> Path:
+    """A published-style ``Qwen3_5MoeForConditionalGeneration`` checkpoint: the text tensors of
+    ``text_ckpt`` (copied unchanged, ``model.language_model.*`` and ``lm_head``), a vision tower of
+    config ``vision`` with :func:`random_vision_tensors` (``model.visual.*``), at least
+    ``min_shards`` shards, config.json (``vision_config`` replaced), ``preprocessor_config.json``
+    (:data:`PREPROCESSOR_CONFIG`) and the tokenizer files. Written atomically."""
+    from nexlab.checkpoint import Checkpoint  # noqa: PLC0415
+    from nexlab.config import validate_config  # noqa: PLC0415
+    from nexlab.fileio import atomic_directory  # noqa: PLC0415
+    from nexlab.models import ShardedWriter  # noqa: PLC0415
+
+    src = Path(text_ckpt)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vision_config"] = dict(vision)
+    validate_config(cfg)
+    visual = random_vision_tensors(cfg, seed)
+    with Checkpoint(src) as ck, atomic_directory(out_dir) as tmp:
+        text_keys = [k for k in ck.stored if not k.startswith(VISUAL_PREFIXES)]
+        total = sum(ck.stored[k].nbytes for k in text_keys) + sum(t.numel() * 2 for t in visual.values())
+        w = ShardedWriter(tmp, total // min_shards + 1)
+        try:
+            for k in text_keys:
+                w.add({k: ck.load_stored(k)})
+            w.add(visual)
+            w.finish()
+        finally:
+            w.close()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+        for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+    return Path(out_dir)
+
+
+def ensure_tiny_vl(artifacts_dir: str | os.PathLike | None = None, smoke: bool = False, seed: int = 0) -> dict[str, Path]:
+    """The tiny vision-language checkpoint, derived from the tiny text model; built once.
+
+    :func:`nexlab.models.ensure_tiny` (``smoke``, ``seed``) first, unchanged; then its BF16 text
+    weights plus a :data:`TINY_VL_VISION` tower seeded from ``seed`` are written to
+    ``ARTIFACTS_DIR/tiny-vl/bf16`` (:func:`write_vl_checkpoint`). The build is reused while its key
+    (the text checkpoint it came from, vision config, seed, :data:`TINY_VL_FORMAT`) is unchanged: a
+    rebuilt tiny text model makes a new one. Returns :func:`tiny_vl_paths` plus ``"text"`` (the
+    :func:`ensure_tiny` paths' ``bf16``) and ``"tokenizer"``. Safe from several processes (file lock).
+    """
+    from nexlab.fileio import atomic_write_text, locked  # noqa: PLC0415
+    from nexlab.models import ensure_tiny  # noqa: PLC0415
+
+    tiny = ensure_tiny(artifacts_dir, smoke=smoke, seed=seed)
+    p = tiny_vl_paths(artifacts_dir)
+    out = {**p, "text": tiny["bf16"], "tokenizer": tiny["tokenizer"]}
+
+    def current(key: str) -> bool:
+        try:
+            return json.loads(p["build_json"].read_text()).get("key") == key and (p["ckpt"] / "config.json").is_file()
+        except (OSError, ValueError):
+            return False
+
+    key = _tiny_vl_key(tiny["bf16"], seed)
+    if current(key):
+        return out
+    with locked(p["artifacts"] / "tiny-vl.lock"):
+        key = _tiny_vl_key(tiny["bf16"], seed)
+        if current(key):
+            return out
+        t0 = time.perf_counter()
+        p["build_json"].unlink(missing_ok=True)
+        write_vl_checkpoint(tiny["bf16"], p["ckpt"], TINY_VL_VISION, seed=seed)
+        atomic_write_text(p["build_json"], json.dumps({"key": key, "seed": seed, "vision_config": TINY_VL_VISION,
+                                                       "text_checkpoint": str(tiny["bf16"]),
+                                                       "seconds": round(time.perf_counter() - t0, 2)}, indent=2) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- the tensor plan
+def vision_config(config: dict, *, where: str = "config.json") -> dict:
+    """The ``vision_config`` of a Qwen3.5 / Qwen3-VL config.json, checked for what the mmproj needs.
+
+    Raises ValueError naming the missing or unsupported key (the converter supports
+    ``temporal_patch_size`` 2 only, as llama.cpp's).
+    """
+    v = config.get("vision_config")
+    if not isinstance(v, dict):
+        raise ValueError(f"{where}: no vision_config: this checkpoint has no vision tower to write as an mmproj")
+    need = ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size", "out_hidden_size")
+    missing = [k for k in need if not isinstance(v.get(k), int) or v[k] <= 0]
+    if missing:
+        raise ValueError(f"{where}: vision_config.{missing[0]} must be a positive integer, got {v.get(missing[0])!r}")
+    if int(v.get("temporal_patch_size", 2)) != 2:
+        raise ValueError(f"{where}: vision_config.temporal_patch_size is {v['temporal_patch_size']}; llama.cpp's "
+                         "mmproj splits the Conv3d patch embedding into exactly two Conv2d kernels (2)")
+    bad = [i for i in v.get("deepstack_visual_indexes") or [] if not 0 <= int(i) < int(v["depth"])]
+    if bad:
+        raise ValueError(f"{where}: vision_config.deepstack_visual_indexes {bad} outside 0..{v['depth'] - 1}")
+    return v
+
+
+def expected_vision_tensors(vision: dict) -> dict[str, tuple[int, ...]]:
+    """``model.visual.*`` key -> shape of a Qwen3.5 / Qwen3-VL vision tower of config ``vision``
+    (what ``Qwen3_5MoeVisionModel`` holds; a test compares with transformers on the meta device)."""
+    h, inter, depth = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["depth"])
+    p, tp, cin = int(vision["patch_size"]), int(vision.get("temporal_patch_size", 2)), int(vision.get("in_channels", 3))
+    m, out = int(vision.get("spatial_merge_size", 2)), int(vision["out_hidden_size"])
+    npos, hm = int(vision.get("num_position_embeddings", 2304)), h * m * m
+    v = "model.visual."
+    s = {v + "patch_embed.proj.weight": (h, cin, tp, p, p), v + "patch_embed.proj.bias": (h,),
+         v + "pos_embed.weight": (npos, h)}
+    for i in range(depth):
+        b = f"{v}blocks.{i}."
+        s |= {b + "norm1.weight": (h,), b + "norm1.bias": (h,), b + "norm2.weight": (h,), b + "norm2.bias": (h,),
+              b + "attn.qkv.weight": (3 * h, h), b + "attn.qkv.bias": (3 * h,),
+              b + "attn.proj.weight": (h, h), b + "attn.proj.bias": (h,),
+              b + "mlp.linear_fc1.weight": (inter, h), b + "mlp.linear_fc1.bias": (inter,),
+              b + "mlp.linear_fc2.weight": (h, inter), b + "mlp.linear_fc2.bias": (h,)}
+    s |= {v + "merger.norm.weight": (h,), v + "merger.norm.bias": (h,),
+          v + "merger.linear_fc1.weight": (hm, hm), v + "merger.linear_fc1.bias": (hm,),
+          v + "merger.linear_fc2.weight": (out, hm), v + "merger.linear_fc2.bias": (out,)}
+    for j, _ in enumerate(vision.get("deepstack_visual_indexes") or []):
+        b = f"{v}deepstack_merger_list.{j}."
+        s |= {b + "norm.weight": (hm,), b + "norm.bias": (hm,),
+              b + "linear_fc1.weight": (hm, hm), b + "linear_fc1.bias": (hm,),
+              b + "linear_fc2.weight": (out, hm), b + "linear_fc2.bias": (out,)}
+    return s
+
+
+_BLOCK_MAP = {"norm1": "ln1", "norm2": "ln2", "attn.qkv": "attn_qkv", "attn.proj": "attn_out",
+              "mlp.linear_fc1": "ffn_up", "mlp.linear_fc2": "ffn_down"}
+_MERGER_MAP = {"norm": "v.post_ln", "linear_fc1": "mm.0", "linear_fc2": "mm.2"}
+_DEEPSTACK_MAP = {"norm": "norm", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+
+
+def gguf_names(key: str, vision: dict) -> list[tuple[str, int | None]]:
+    """Output tensor(s) of one ``model.visual.*`` (or ``visual.*``) key: ``[(gguf name, temporal
+    slice or None)]``, as ``Qwen3VLVisionModel.modify_tensors`` maps them (the Conv3d patch
+    embedding gives two tensors, frames 0 and 1). Raises ValueError for a key with no place."""
+    k = key
+    for pre in VISUAL_PREFIXES:
+        if k.startswith(pre):
+            k = k[len(pre):]
+            break
+    else:
+        raise ValueError(f"tensor {key!r} is not part of the vision tower (model.visual.*)")
+    base, _, leaf = k.rpartition(".")
+    if k == "patch_embed.proj.weight":
+        return [("v.patch_embd.weight", 0), ("v.patch_embd.weight.1", 1)]
+    if k == "patch_embed.proj.bias":
+        return [("v.patch_embd.bias", None)]
+    if k == "pos_embed.weight":
+        return [("v.position_embd.weight", None)]
+    parts = base.split(".")
+    if parts[0] == "blocks" and len(parts) >= 3 and parts[1].isdecimal() and ".".join(parts[2:]) in _BLOCK_MAP:
+        if int(parts[1]) < int(vision["depth"]):
+            return [(f"v.blk.{int(parts[1])}.{_BLOCK_MAP['.'.join(parts[2:])]}.{leaf}", None)]
+    if parts[0] == "merger" and len(parts) == 2 and parts[1] in _MERGER_MAP:
+        return [(f"{_MERGER_MAP[parts[1]]}.{leaf}", None)]
+    if parts[0] == "deepstack_merger_list" and len(parts) == 3 and parts[1].isdecimal() and parts[2] in _DEEPSTACK_MAP:
+        idx = list(vision.get("deepstack_visual_indexes") or [])
+        j = int(parts[1])
+        if j < len(idx):
+            return [(f"v.deepstack.{int(idx[j])}.{_DEEPSTACK_MAP[parts[2]]}.{leaf}", None)]
+    raise ValueError(f"tensor {key!r} has no place in the mmproj of this vision config")
+
+
+def mmproj_tensor_type(name: str, ndim: int, dtype: str):
+    """ggml type of one mmproj tensor, by llama.cpp's converter's rules (``MmprojModel.
+    tensor_force_quant`` and ``ModelBase.prepare_tensors``): the patch embedding is F16 in an F16
+    file and F32 in any other; 1-D tensors (biases, LayerNorms) and the position embedding F32;
+    every other ``.weight`` the file's type."""
+    QT = _gguf().GGMLQuantizationType
+    wt = {"f16": QT.F16, "bf16": QT.BF16, "f32": QT.F32}.get(dtype)
+    if wt is None:
+        raise ValueError(f"mmproj type must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if ".patch_embd.weight" in name:
+        return QT.F16 if dtype == "f16" else QT.F32
+    if ndim <= 1 or name.endswith("_norm.weight") or name.startswith("v.position_embd.") or not name.endswith(".weight"):
+        return QT.F32
+    return wt
+
+
+@dataclass(frozen=True)
+class MmprojTensor:
+    """One mmproj tensor: its spec (numpy-order shape, ggml type), the checkpoint key it comes
+    from, and the temporal frame taken from the Conv3d patch embedding (None: the whole tensor)."""
+
+    spec: Any
+    key: str
+    frame: int | None = None
+
+
+def mmproj_specs(vision: dict, dtype: str = "f16", keys: list[tuple[str, tuple[int, ...]]] | None = None) -> list[MmprojTensor]:
+    """Every tensor of the mmproj in file order.
+
+    ``keys``: the checkpoint's vision tensors ``(key, shape)`` in the order the reference reads
+    them (shards in sorted order, keys sorted within a shard); default :func:`expected_vision_tensors`
+    sorted (one shard). Shapes are checked against the config: a wrong one is a ValueError naming
+    the tensor, as is a missing tensor or one with no place in the file.
+    """
+    from nexlab.qwen35moe import TensorSpec  # noqa: PLC0415
+
+    want = expected_vision_tensors(vision)
+    if keys is None:
+        keys = sorted(want.items())
+    seen = set()
+    out: list[MmprojTensor] = []
+    for key, shape in keys:
+        canon = "model.visual." + key.split("visual.", 1)[1] if key.startswith(VISUAL_PREFIXES) else key
+        names = gguf_names(key, vision)
+        if canon not in want:
+            raise ValueError(f"tensor {key!r} has no place in the mmproj of this vision config")
+        if tuple(shape) != want[canon]:
+            raise ValueError(f"tensor {key!r} has shape {list(shape)}, the vision config needs {list(want[canon])}")
+        seen.add(canon)
+        for name, frame in names:
+            shp = tuple(shape) if frame is None else tuple(shape[:2]) + tuple(shape[3:])
+            out.append(MmprojTensor(TensorSpec(name, shp, mmproj_tensor_type(name, len(shp), dtype), hf=key), key, frame))
+    missing = [k for k in want if k not in seen]
+    if missing:
+        raise ValueError(f"vision tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    return out
+
+
+def preprocessor_config(ckpt_dir: str | os.PathLike) -> dict:
+    """``preprocessor_config.json`` merged with ``processor_config.json``'s ``image_processor`` (the
+    reference reads both, in that order); image_mean and image_std must be 3 numbers each."""
+    d = Path(ckpt_dir)
+    cfg: dict = {}
+    for name, nested in (("preprocessor_config.json", "media_proc_cfg"), ("processor_config.json", "image_processor")):
+        f = d / name
+        if f.is_file():
+            c = json.loads(f.read_text(encoding="utf-8"))
+            if isinstance(c.get(nested), dict):
+                c = {**c, **c[nested]}
+            cfg = {**cfg, **c}
+    for k in ("image_mean", "image_std"):
+        v = cfg.get(k)
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise ValueError(f"{d}: preprocessor_config.json must give {k} as 3 numbers (the mmproj stores the "
+                             f"image normalisation), got {v!r}")
+    return cfg
+
+
+def add_mmproj_metadata(w, config: dict, preproc: dict, dtype: str, *, name: str,
+                        license: str = "apache-2.0", quantized_by: str = "nexlab") -> None:
+    """The mmproj's key/values in the reference's order (``MmprojModel.set_gguf_parameters`` then
+    ``Qwen3VLVisionModel``'s): file type, ``clip.has_vision_encoder``, projection dim (the text
+    hidden size), image size (``sqrt(num_position_embeddings) * patch_size`` unless given), patch
+    size, width, MLP width, blocks, heads, image mean/std, projector ``qwen3vl_merger``, GELU, merge
+    size, the LayerNorm epsilon (the text config's rms_norm_eps, as the reference), deepstack flags."""
+    g = _gguf()
+    K = g.Keys
+    v = vision_config(config)
+    text = {**config, **(config.get("text_config") or {})}
+    w.add_type(g.GGUFType.MMPROJ)
+    w.add_name(name)
+    total, shared, expert, n_exp = w.get_total_parameter_count()
+    w.add_size_label(g.size_label(total, shared, expert, n_exp))
+    w.add_license(license)
+    w.add_quantized_by(quantized_by)
+    ftype = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16, "f32": g.LlamaFileType.ALL_F32}[dtype]
+    w.add_file_type(int(ftype))
+    w.add_bool(K.Clip.HAS_VISION_ENCODER, True)
+    w.add_uint32(K.ClipVision.PROJECTION_DIM, int(text["hidden_size"]))
+    image_size = v.get("image_size") or int(int(v.get("num_position_embeddings", 2304)) ** 0.5 * int(v["patch_size"]))
+    w.add_uint32(K.ClipVision.IMAGE_SIZE, int(image_size))
+    w.add_uint32(K.ClipVision.PATCH_SIZE, int(v["patch_size"]))
+    w.add_uint32(K.ClipVision.EMBEDDING_LENGTH, int(v["hidden_size"]))
+    w.add_uint32(K.ClipVision.FEED_FORWARD_LENGTH, int(v["intermediate_size"]))
+    w.add_uint32(K.ClipVision.BLOCK_COUNT, int(v["depth"]))
+    w.add_uint32(K.ClipVision.Attention.HEAD_COUNT, int(v["num_heads"]))
+    w.add_array(K.ClipVision.IMAGE_MEAN, [float(x) for x in preproc["image_mean"]])
+    w.add_array(K.ClipVision.IMAGE_STD, [float(x) for x in preproc["image_std"]])
+    w.add_string(K.Clip.PROJECTOR_TYPE, PROJECTOR_TYPE)
+    w.add_bool(K.ClipVision.USE_GELU, True)
+    if v.get("spatial_merge_size") is not None:
+        w.add_uint32(K.ClipVision.SPATIAL_MERGE_SIZE, int(v["spatial_merge_size"]))
+    eps = (config.get("text_config") or {}).get("rms_norm_eps", 1e-6)
+    w.add_float32(K.ClipVision.Attention.LAYERNORM_EPS, float(eps))
+    deep = set(int(i) for i in v.get("deepstack_visual_indexes") or [])
+    if int(v["depth"]) > 0:
+        w.add_array(K.ClipVision.IS_DEEPSTACK_LAYERS, [i in deep for i in range(int(v["depth"]))])
+    w.add_quantization_version(g.GGML_QUANT_VERSION)
+
+
+@dataclass
+class MmprojPlan:
+    """Everything :func:`convert_mmproj` will write: tensors (with producers) and metadata;
+    ``file_nbytes`` is the exact file size (:mod:`nexlab.gguf_layout`, the writer's own set-up)."""
+
+    dtype: str
+    tensors: list  # nexlab.convert.PlannedTensor
+    add_metadata: Callable[[Any], None]
+
+    @property
+    def file_nbytes(self) -> int:
+        from nexlab.gguf_layout import file_nbytes, make_writer  # noqa: PLC0415
+
+        return file_nbytes(make_writer(MMPROJ_ARCH, self.add_metadata, self.tensors))
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def _encode(data, spec) -> np.ndarray:
+    """float tensor -> storage bytes of ``spec.ggml_type`` (nexlab.convert.encode_tensor: through
+    float32 as the reference, F16 by numpy's round-to-nearest-even cast, BF16 bits kept)."""
+    from nexlab.convert import encode_tensor  # noqa: PLC0415
+
+    return encode_tensor(data, spec.ggml_type, spec.name)
+
+
+def plan_mmproj(ck, dtype: str = "f16", *, name: str | None = None, license: str = "apache-2.0",
+                quantized_by: str = "nexlab") -> MmprojPlan:
+    """Plan the mmproj of an open :class:`nexlab.checkpoint.Checkpoint` from headers only.
+
+    Checks the vision config, the preprocessor config, every vision tensor's presence, shape and
+    dtype (BF16 / F16 / F32), and that nothing under ``model.visual.`` is left without a place;
+    each error names the tensor. Tensor order is the reference's (shards sorted, keys sorted).
+    """
+    from nexlab.convert import PlannedTensor  # noqa: PLC0415
+
+    config = ck.raw_config
+    vision = vision_config(config, where=str(ck.path / "config.json"))
+    preproc = preprocessor_config(ck.path)
+    stored = [e for e in ck.stored.values() if e.key.startswith(VISUAL_PREFIXES)]
+    stored.sort(key=lambda e: (e.shard.name, e.key))
+    for e in stored:
+        if e.dtype not in ("BF16", "F16", "F32"):
+            raise ValueError(f"vision tensor {e.key!r} has dtype {e.dtype}; the mmproj converter takes BF16, F16 or F32")
+    specs = mmproj_specs(vision, dtype, [(e.key, e.shape) for e in stored])
+
+    def produce(t: MmprojTensor):
+        def make():
+            x = ck.load_stored(t.key)
+            if t.frame is not None:
+                x = x[:, :, t.frame, ...]
+            return _encode(x, t.spec)
+        return make
+
+    tensors = [PlannedTensor(t.spec, produce(t), (t.key,)) for t in specs]
+    label = name or config.get("_name_or_path") or ck.path.name
+    return MmprojPlan(dtype, tensors, lambda w: add_mmproj_metadata(w, config, preproc, dtype, name=label,
+                                                                    license=license, quantized_by=quantized_by))
+
+
+def plan_mmproj_from_config(config: dict, dtype: str = "f16", preproc: dict | None = None, *,
+                            name: str = "mmproj") -> MmprojPlan:
+    """The same plan for a config alone (no checkpoint): tensors in sorted key order, producers that
+    refuse to run. Its ``file_nbytes`` is the size :func:`convert_mmproj` writes for a checkpoint of
+    that config (order does not change the size; ``name`` is the only free-text field)."""
+    from nexlab.convert import PlannedTensor  # noqa: PLC0415
+
+    vision = vision_config(config)
+    pre = preproc or PREPROCESSOR_CONFIG
+
+    def nothing():
+        raise RuntimeError("a plan made from a config alone has no tensor data")
+
+    tensors = [PlannedTensor(t.spec, nothing, (t.key,)) for t in mmproj_specs(vision, dtype)]
+    return MmprojPlan(dtype, tensors, lambda w: add_mmproj_metadata(w, config, pre, dtype, name=name))
+
+
+def mmproj_file_nbytes(config: dict, dtype: str = "f16", *, name: str = "mmproj") -> int:
+    """Exact size in bytes of the mmproj GGUF of a config (:func:`plan_mmproj_from_config`)."""
+    return plan_mmproj_from_config(config, dtype, name=name).file_nbytes
+
+
+# ----------------------------------------------------------------------------- writing
+@dataclass
+class MmprojResult:
+    path: Path
+    n_tensors: int
+    nbytes: int
+    seconds: float
+    types: dict[str, int]
+
+
+def convert_mmproj(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: str = "f16", *,
+                   name: str | None = None, show_progress: bool = True) -> MmprojResult:
+    """Write the vision tower of ``ckpt_dir`` as an mmproj GGUF (``dtype``: f16, bf16 or f32).
+
+    Byte-equal in tensors and ``clip.*`` metadata to llama.cpp's ``convert_hf_to_gguf.py --mmproj
+    --outtype DTYPE`` (llama-cpp-python 0.3.36's tree). Planned and validated before anything is
+    written (:func:`plan_mmproj`), then streamed through :func:`nexlab.convert.write_gguf`: atomic
+    (no partial file on any error), progress bar, one tensor in memory at a time.
+    """
+    from nexlab.checkpoint import Checkpoint  # noqa: PLC0415
+    from nexlab.convert import write_gguf  # noqa: PLC0415
+
+    if dtype not in DTYPES:
+        raise ValueError(f"mmproj type must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    t0 = time.perf_counter()
+    with Checkpoint(ckpt_dir) as ck:
+        plan = plan_mmproj(ck, dtype, name=name)
+        path = write_gguf(out_path, MMPROJ_ARCH, plan.add_metadata, plan.tensors, show_progress=show_progress,
+                          desc=f"mmproj {Path(out_path).name}")
+    types: dict[str, int] = {}
+    for t in plan.tensors:
+        types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
+    return MmprojResult(path, len(plan.tensors), plan.tensor_nbytes, time.perf_counter() - t0, types)
+
+
+def cli_convert_mmproj(args) -> int:
+    """``nexlab convert CKPT_DIR --mmproj [f16|bf16|f32] -o mmproj-F16.gguf``."""
+    if getattr(args, "quiet", False):
+        os.environ["NEXLAB_NO_PROGRESS"] = "1"
+    r = convert_mmproj(args.ckpt_dir, args.output, args.mmproj, name=getattr(args, "name", None))
+    types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
+    print(f"wrote {r.path} (mmproj, {r.nbytes / 1e6:.1f} MB, {r.n_tensors} tensors: {types}) in {r.seconds:.1f} s")
+    return 0
