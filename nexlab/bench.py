@@ -145,25 +145,14 @@ def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
     ValueError (naming the file) for one that is not GGUF, is truncated (a tensor's data runs past
     the end) or that gguf-py cannot parse.
     """
-    from gguf import GGUFReader  # noqa: PLC0415
+    from nexlab.gguf_check import open_gguf  # noqa: PLC0415
 
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"GGUF file {p} does not exist")
+    r = open_gguf(p, "model")
     size = p.stat().st_size
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{p} is not a GGUF file (bad magic)")
-    try:
-        r = GGUFReader(p)
-    except Exception as exc:  # gguf-py raises ValueError / struct.error / IndexError on damaged files
-        raise ValueError(f"{p} is truncated or damaged: gguf-py cannot read it ({exc})") from None
     types: dict[str, int] = {}
     experts: dict[str, int] = {}
     for t in r.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ValueError(f"{p} is truncated: tensor {t.name} ends at byte {end:,}, the file has {size:,}")
         name = t.tensor_type.name
         types[name] = types.get(name, 0) + 1
         if t.name.endswith("_exps.weight"):
@@ -264,8 +253,13 @@ def _bar(total: int, desc: str, show: bool):
 
 
 def _run_tool(cmd: list[str], file: str) -> str:
-    """Run a llama.cpp tool, return its stdout; RuntimeError (one line, naming the file) on failure."""
-    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    """Run a llama.cpp tool, return its stdout; RuntimeError (one line, naming the file) on failure.
+    An error or Ctrl-C while it runs stops it (:func:`nexlab.llamacpp.child_process`)."""
+    from nexlab.llamacpp import child_process  # noqa: PLC0415
+
+    with child_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        out, err = proc.communicate()
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if r.returncode != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} failed (exit {r.returncode}) on {file}: "
                            f"{_error_line(r.stderr + chr(10) + r.stdout)}")
@@ -523,7 +517,7 @@ def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike
     from gguf import GGUFReader  # noqa: PLC0415
 
     from nexlab.fileio import atomic_output  # noqa: PLC0415
-    from nexlab.llamacpp import tool_path  # noqa: PLC0415
+    from nexlab.llamacpp import child_process, tool_path  # noqa: PLC0415
 
     threads = _int(threads, "--threads", 1)
     src = gguf_summary(nvfp4_bf16_gguf)
@@ -538,22 +532,25 @@ def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike
     del r
     im_args: list[str] = []
     if imatrix is not None:
-        if not Path(imatrix).is_file():
-            raise FileNotFoundError(f"imatrix file {imatrix} does not exist")
+        from nexlab.gguf_check import check_gguf  # noqa: PLC0415
+
+        check_gguf(imatrix, "imatrix file")
         im_args = ["--imatrix", str(imatrix)]
     exe = str(tool_path("llama-quantize"))
     shown = [exe, "--allow-requantize", *im_args, src["path"], str(out), "Q4_K_M", str(threads)]
     with atomic_output(out) as tmp:
         cmd = [*shown[:-3], str(tmp), *shown[-2:]]
         tail: list[str] = []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        assert proc.stdout is not None
-        with _bar(sum(src["tensor_types"].values()), f"quantize {out.name}", show_progress) as bar:
+        # stopped with its children on an error or Ctrl-C; atomic_output then removes its file
+        with child_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc, \
+                _bar(sum(src["tensor_types"].values()), f"quantize {out.name}", show_progress) as bar:
+            assert proc.stdout is not None
             for line in proc.stdout:
                 tail = (tail + [line])[-40:]
                 if m := _QUANTIZE_PROGRESS.match(line):
                     bar.update(int(m[1]) - bar.n)
-        if proc.wait() != 0:
+            proc.wait()
+        if proc.returncode != 0:
             raise RuntimeError(f"llama-quantize failed (exit {proc.returncode}) on {src['path']}: "
                                f"{_error_line(''.join(tail))}")
     res = gguf_summary(out)

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # one line, no traceback
         print(f"nexlab {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: child processes are stopped and temporary files removed on the way out
+        print(f"nexlab {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,7 +42,7 @@ import numpy as np
 from nexlab import qwen35moe as Q
 from nexlab.chat_template import original_template, resolve_chat_template
 from nexlab.checkpoint import Checkpoint, e4m3_bytes_nan_mask, validate_checkpoint
-from nexlab.fileio import atomic_output
+from nexlab.fileio import atomic_output, disk_full_error, ensure_free_space
 from nexlab.formats import f32_to_bf16_bits
 from nexlab.gguf_layout import file_nbytes, make_writer
 from nexlab.imatrix import imatrix_for_tensor, quantize_weights, read_imatrix
@@ -445,8 +445,12 @@ def write_gguf(out_path: str | os.PathLike, arch: str, add_metadata: Callable[[A
 
     ``add_metadata(writer)`` adds the key/values (it may read ``writer.get_total_parameter_count()``,
     which already knows every tensor). Tensor data comes from each ``PlannedTensor.produce()`` in
-    order and must have exactly ``nbytes`` bytes. The file is written as ``.<name>.*.tmp`` in the
-    target folder and renamed at the end; on any error the temporary file is removed.
+    order and must have exactly ``nbytes`` bytes. The file is written under a temporary name
+    (:mod:`nexlab.fileio`) in the target folder, fsynced and renamed at the end; on any error
+    (Ctrl-C too) the writer is closed and the temporary file removed. The exact file size is known
+    from the plan, so a folder without that much free space is refused before anything is written
+    (OSError with needed, free, where); a disk that fills anyway (another writer) is an OSError
+    naming the file and the cause.
     """
     out = Path(out_path)
     names = [t.name for t in tensors]
@@ -454,6 +458,20 @@ def write_gguf(out_path: str | os.PathLike, arch: str, add_metadata: Callable[[A
         dup = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"duplicate output tensor {dup}")
     w = make_writer(arch, add_metadata, tensors)
+    needed = file_nbytes(w)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(out, needed)
+    try:
+        _write_planned(w, out, tensors, show_progress, desc)
+    except OSError as exc:
+        full = disk_full_error(exc, out, needed)
+        if full is None:
+            raise
+        raise full from None
+    return out
+
+
+def _write_planned(w, out: Path, tensors: list[PlannedTensor], show_progress: bool, desc: str) -> None:
     with atomic_output(out) as tmp:
         try:
             w.write_header_to_file(path=tmp)
@@ -489,7 +507,6 @@ def write_gguf(out_path: str | os.PathLike, arch: str, add_metadata: Callable[[A
                     bar.close()
         finally:
             w.close()  # closes the temporary file; atomic_output renames it or removes it
-    return out
 
 
 def _write_tensor(w, data: np.ndarray, bar, nbytes: int) -> None:

@@ -26,15 +26,10 @@ def _field_value(field) -> Any:
 
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
     """Metadata (skipping the GGUF.* header fields), tensors and per-type totals of a GGUF file."""
-    from gguf import GGUFReader  # noqa: PLC0415
+    from nexlab.gguf_check import open_gguf  # noqa: PLC0415
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        r = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError / struct.error / IndexError on bad files
-        raise ValueError(f"{path}: not a readable GGUF file ({exc})") from None
+    r = open_gguf(path)
     meta = {k: _field_value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
     tensors = []
     totals: dict[str, dict[str, float]] = {}

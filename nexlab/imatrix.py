@@ -162,13 +162,10 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
     """
     import gguf  # noqa: PLC0415
 
+    from nexlab.gguf_check import open_gguf  # noqa: PLC0415
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"imatrix file {path} does not exist")
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path}: not a GGUF imatrix ({exc}); the legacy .dat format is not supported") from exc
+    r = open_gguf(path, "imatrix file")  # the legacy .dat format fails here: "not a GGUF file"
     fields = r.fields
     missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in fields]
     if missing:

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -297,6 +298,47 @@ def run_reference_converter(ckpt_dir: str | os.PathLike, out_path: str | os.Path
     return Path(out_path)
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a child started by :func:`child_process` and everything it started: SIGINT to its process
+    group (a nexlab child removes its temporary files, as on Ctrl-C), SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # the leader has exited; grandchildren that ignored SIGINT are killed too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextlib.contextmanager
+def child_process(cmd: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(cmd)`` in its own process group, stopped with all its children
+    (:func:`stop_process_group`) when the block raises, Ctrl-C (KeyboardInterrupt) included.
+
+    A terminal's Ctrl-C reaches every process of the foreground group, but Jupyter's interrupt,
+    ``kill -INT`` or a SIGTERM reach nexlab alone: without this a llama.cpp tool (or ``/usr/bin/time``'s
+    child) would run on, writing its file."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    finally:
+        for f in (proc.stdout, proc.stderr, proc.stdin):
+            if f is not None:
+                f.close()
+
+
 def _run(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> dict:
     """Run ``cmd``; return wall seconds and the child's peak RSS (MiB).
 
@@ -310,8 +352,8 @@ def _run(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None 
         full = ["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd
         with open(err_file, "wb") as errf:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=errf, env=env, cwd=cwd)
-            _, status, usage = os.wait4(proc.pid, 0)
+            with child_process(full, stdout=subprocess.DEVNULL, stderr=errf, env=env, cwd=cwd) as proc:
+                _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t0
         code = os.waitstatus_to_exitcode(status)
         proc.returncode = code
@@ -332,10 +374,23 @@ def benchmark_conversion(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike
     Both run as child processes of the same interpreter (``python -m nexlab.cli convert`` and
     ``python convert_hf_to_gguf.py``), so wall time and peak RSS are the converters' own. Each
     runs ``repeats`` times (alternating); the best wall time and the largest peak RSS are
-    reported. Output files are deleted unless ``keep``.
+    reported. Output files are deleted unless ``keep``; on an error or Ctrl-C both converters are
+    stopped (:func:`child_process`) and their files deleted.
     """
     ckpt_dir = Path(ckpt_dir)
+    made = out_dir is None
     tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="bench_convert_"))
+    try:
+        return _benchmark_conversion(ckpt_dir, tmp, repeats, python, keep)
+    except BaseException:
+        for name in ("nexlab.gguf", "llamacpp.gguf"):
+            (tmp / name).unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _benchmark_conversion(ckpt_dir: Path, tmp: Path, repeats: int, python: str, keep: bool) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     outs = {"nexlab": tmp / "nexlab.gguf", "llamacpp": tmp / "llamacpp.gguf"}
     ref_cmd, ref_env = reference_command(ckpt_dir, outs["llamacpp"], python=python)
@@ -612,14 +667,11 @@ def llama_server(model: str | os.PathLike, *args: str, n_ctx: int = 512, threads
 
 # ----------------------------------------------------------------------------- llama.cpp through llama-cpp-python
 def check_gguf_path(path: str | os.PathLike) -> Path:
-    """``path`` as a Path after checking it is a file starting with the GGUF magic."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"GGUF file {p} does not exist")
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{p} is not a GGUF file (bad magic)")
-    return p
+    """``path`` as a Path after :func:`nexlab.gguf_check.check_gguf` (a whole, consistent GGUF file;
+    otherwise one error line naming the file and the fault), before llama.cpp opens it."""
+    from nexlab.gguf_check import check_gguf  # noqa: PLC0415
+
+    return check_gguf(path).path
 
 
 def open_model(path: str | os.PathLike, n_ctx: int = 256, *, n_threads: int = 2, n_batch: int | None = None):

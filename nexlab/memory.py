@@ -91,7 +91,9 @@ def load_model(spec: str | Path) -> Q.HParams:
     if not p.exists():
         raise FileNotFoundError(f"model {s!r} is neither 'nex-n2-mini' nor an existing config.json / .gguf")
     if p.suffix == ".gguf":
-        return Q.hparams_from_gguf(p)
+        from nexlab.gguf_check import open_gguf  # noqa: PLC0415
+
+        return Q.hparams_from_gguf(open_gguf(p, "model"), name=p.name)
     return Q.hparams_from_hf_config(json.loads(p.read_text()), name=p.parent.name or p.name)
 
 
@@ -139,7 +141,9 @@ def gguf_file_size_from_gguf(path: str | Path, variant: str | None = None,
     writes ``ffn_gate_inp_shexp`` as [n, 1]). Keys a quantizer adds (e.g.
     ``quantize.imatrix.*``) go in ``extra_metadata``.
     """
-    reader = gguf.GGUFReader(str(path))
+    from nexlab.gguf_check import open_gguf  # noqa: PLC0415
+
+    reader = open_gguf(path, "model")
     align = int(reader.alignment)
     specs = _specs_of_gguf(reader)
     dims_before = sum(len(s.shape) for s in specs)

@@ -195,21 +195,11 @@ class TensorTable:
 
 
 def _check_gguf(path: Path):
-    """Open ``path`` with gguf-py's GGUFReader; FileNotFoundError / ValueError naming the file."""
-    import gguf  # noqa: PLC0415
+    """Open ``path`` with gguf-py's GGUFReader after :func:`nexlab.gguf_check.check_gguf`;
+    FileNotFoundError / ValueError naming the file."""
+    from nexlab.gguf_check import open_gguf  # noqa: PLC0415
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf-py raises ValueError / struct.error / IndexError on bad files
-        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({exc})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ValueError(f"{path}: truncated: tensor {t.name} ends at byte {end:,} but the file has {size:,}")
-    return reader
+    return open_gguf(path, "model")
 
 
 def load_tensor_table(model: str | os.PathLike | Q.HParams, variant: str | None = None,

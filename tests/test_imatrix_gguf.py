@@ -209,8 +209,8 @@ def test_callback_honours_strides_counts_unrouted_experts_and_skips_like_llama_i
 
 @pytest.mark.parametrize("case,args,message", [
     ("missing model", ["MISSING", "--text", "TEXT"], "does not exist"),
-    ("empty model", ["EMPTY", "--text", "TEXT"], "is not a GGUF file"),
-    ("truncated model", ["TRUNCATED", "--text", "TEXT"], "llama.cpp could not load"),
+    ("empty model", ["EMPTY", "--text", "TEXT"], "empty.gguf is empty"),
+    ("truncated model", ["TRUNCATED", "--text", "TEXT"], "truncated.gguf: truncated: tensor"),
     ("text too short", ["MODEL", "--text", "SHORT", "--ctx", "128"], "needs at least 2 * ctx = 256"),
     ("missing text", ["MODEL", "--text", "NOTEXT"], "calibration text file"),
     ("empty text", ["MODEL", "--text", "EMPTYTEXT"], "is empty"),

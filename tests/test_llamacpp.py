@@ -158,8 +158,14 @@ def test_llama_server_serves_the_model_and_stops(nexlab_gguf):  # noqa: F811
 
 
 def test_llama_server_that_cannot_load_raises_with_its_log(tmp_path):
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF" + b"\0" * 64)  # the magic, then nothing llama.cpp can read
+    import gguf  # noqa: PLC0415
+
+    bad = tmp_path / "bad.gguf"  # a whole GGUF file, of an architecture llama.cpp does not know
+    w = gguf.GGUFWriter(bad, arch="no-such-arch")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(RuntimeError, match="llama-server exited"):
         with LL.llama_server(bad, startup_timeout=60):
             pass
