@@ -622,6 +622,10 @@ def write_vocab_gguf(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
 
 # ----------------------------------------------------------------------------- CLI
 def _cli(args: argparse.Namespace) -> int:
+    if getattr(args, "mmproj", None):  # the vision tower instead of the text model (nexlab.mmproj)
+        from nexlab.mmproj import cli_convert_mmproj  # noqa: PLC0415
+
+        return cli_convert_mmproj(args)
     if args.quiet:
         os.environ["NEXLAB_NO_PROGRESS"] = "1"
     r = convert_checkpoint(args.ckpt_dir, args.output, variant=args.variant, chat_template=args.chat_template,
@@ -648,6 +652,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--name", default=None, help="general.name (default: config _name_or_path or folder name)")
     p.add_argument("--source-url", default=None, help="general.source.url")
     p.add_argument("--imatrix", default=None, help="importance matrix GGUF (llama-imatrix format) for q4_k_m")
+    p.add_argument("--mmproj", nargs="?", const="f16", default=None, choices=("f16", "bf16", "f32"),
+                   help="write the vision tower as llama.cpp's mmproj GGUF instead (default type f16), as "
+                        "convert_hf_to_gguf.py --mmproj does; for llama-mtmd-cli / llama-server --mmproj")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)
 

@@ -570,3 +570,143 @@ def cli_convert_mmproj(args) -> int:
     types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
     print(f"wrote {r.path} (mmproj, {r.nbytes / 1e6:.1f} MB, {r.n_tensors} tensors: {types}) in {r.seconds:.1f} s")
     return 0
+
+
+# ----------------------------------------------------------------------------- images and embeddings
+def make_test_image(width: int = 128, height: int = 96, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB image (uint8 [height, width, 3]): colour gradients, a disc and seeded
+    noise, so every patch differs. 128x96 is a multiple of 32 px (patch 16 x merge 2) and gives
+    12 >= 8 image tokens (llama.cpp's minimum for qwen3vl), so neither llama.cpp nor the HF
+    processor resizes it: both sides embed the very same pixels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    disc = ((x - 0.6 * width) ** 2 + (y - 0.4 * height) ** 2 < (0.25 * height) ** 2).astype(np.float32)
+    img = np.stack([255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1), 200 * disc + 30], axis=-1)
+    img = img + rng.normal(0, 20, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an RGB uint8 image as PNG (Pillow), atomically."""
+    from PIL import Image  # noqa: PLC0415
+
+    from nexlab.fileio import atomic_output  # noqa: PLC0415
+
+    with atomic_output(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(tmp, format="PNG")
+    return Path(path)
+
+
+def load_vision_tower(ckpt_dir: str | os.PathLike, dtype=None):
+    """transformers' ``Qwen3_5MoeVisionModel`` of a checkpoint (float32 by default), its weights
+    read through :class:`nexlab.checkpoint.Checkpoint` (no pickle, no text model built)."""
+    import torch  # noqa: PLC0415
+    from transformers import Qwen3_5MoeConfig  # noqa: PLC0415
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel  # noqa: PLC0415
+
+    from nexlab.checkpoint import Checkpoint  # noqa: PLC0415
+
+    d = Path(ckpt_dir)
+    cfg = Qwen3_5MoeConfig(**json.loads((d / "config.json").read_text()))
+    model = Qwen3_5MoeVisionModel._from_config(cfg.vision_config, dtype=dtype or torch.float32)
+    with Checkpoint(d) as ck:
+        sd = {}
+        for key in ck.stored:
+            for pre in VISUAL_PREFIXES:
+                if key.startswith(pre):
+                    sd[key[len(pre):]] = ck.load_stored(key).to(dtype or torch.float32)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d}: vision tower tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def hf_pixel_values(image: np.ndarray, preproc: dict, vision: dict):
+    """``pixel_values`` and ``image_grid_thw`` of transformers' Qwen2-VL image processor (the PIL
+    backend) for ``image``, without resizing (see :func:`make_test_image`)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: PLC0415
+
+    proc = Qwen2VLImageProcessorPil(image_mean=preproc["image_mean"], image_std=preproc["image_std"],
+                                    patch_size=int(vision["patch_size"]),
+                                    temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+                                    merge_size=int(vision.get("spatial_merge_size", 2)))
+    out = proc(images=[image], do_resize=False, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def transformers_image_embeddings(ckpt_dir: str | os.PathLike, image: np.ndarray) -> np.ndarray:
+    """The image tokens transformers' vision tower gives the text model: ``pooler_output`` of
+    ``Qwen3_5MoeVisionModel`` (after the merger), float32 [n_tokens, out_hidden_size], in raster
+    order of the merged 2x2 blocks."""
+    import torch  # noqa: PLC0415
+
+    d = Path(ckpt_dir)
+    config = json.loads((d / "config.json").read_text())
+    model = load_vision_tower(d)
+    pv, thw = hf_pixel_values(image, preprocessor_config(d), vision_config(config))
+    with torch.no_grad():
+        out = model(pv.float(), grid_thw=thw)
+    return out.pooler_output.float().numpy()
+
+
+def llamacpp_image_embeddings(mmproj_path: str | os.PathLike, text_gguf: str | os.PathLike, image: np.ndarray,
+                              *, n_threads: int = 2) -> np.ndarray:
+    """The image tokens llama.cpp computes (libmtmd through llama-cpp-python's ``mtmd_cpp``
+    bindings: ``mtmd_tokenize`` the media marker with the image, ``mtmd_encode_chunk``,
+    ``mtmd_get_output_embd``), float32 [n_tokens, n_embd of the text model]. CPU, no warm-up."""
+    import ctypes  # noqa: PLC0415
+
+    import llama_cpp  # noqa: PLC0415
+    from llama_cpp import mtmd_cpp as M  # noqa: PLC0415
+
+    from nexlab.llamacpp import open_model  # noqa: PLC0415
+
+    llm = open_model(text_gguf, n_ctx=256, n_threads=n_threads)
+    model_ptr = llm._model.model
+    params = M.mtmd_context_params_default()
+    params.use_gpu = False
+    params.n_threads = int(n_threads)
+    params.warmup = False
+    params.print_timings = False
+    ctx = M.mtmd_init_from_file(str(Path(mmproj_path)).encode(), model_ptr, params)
+    if not ctx:
+        raise ValueError(f"llama.cpp's mtmd could not load {mmproj_path} with {text_gguf}")
+    img = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w = img.shape[:2]
+    bitmap = chunks = None
+    try:
+        bitmap = M.mtmd_bitmap_init(w, h, img.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        chunks = M.mtmd_input_chunks_init()
+        marker = M.mtmd_default_marker()
+        text = M.mtmd_input_text(marker, len(marker), False, True)
+        arr = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = M.mtmd_tokenize(ctx, chunks, ctypes.byref(text), arr, 1)
+        if rc != 0:
+            raise RuntimeError(f"mtmd_tokenize failed ({rc})")
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                break
+        else:
+            raise RuntimeError("mtmd_tokenize gave no image chunk")
+        n_tok = M.mtmd_input_chunk_get_n_tokens(chunk)
+        if M.mtmd_encode_chunk(ctx, chunk) != 0:
+            raise RuntimeError("mtmd_encode_chunk failed")
+        n_embd = llama_cpp.llama_model_n_embd(model_ptr)
+        ptr = M.mtmd_get_output_embd(ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_tok * n_embd,)).copy().reshape(n_tok, n_embd)
+    finally:
+        if chunks:
+            M.mtmd_input_chunks_free(chunks)
+        if bitmap:
+            M.mtmd_bitmap_free(bitmap)
+        M.mtmd_free(ctx)
+        llm.close()
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """``||a - b|| / ||b||`` (Frobenius, float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
