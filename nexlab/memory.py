@@ -334,7 +334,9 @@ def estimate(model: Q.HParams | str | Path, variant: str | None = "q4_k_m", n_ct
     ``model`` may be a :class:`Q.HParams`, ``"nex-n2-mini"``, a config.json path or a GGUF path.
     For a GGUF the weights come from its own tensor list (re-typed when ``variant`` is given) and
     the file size from its own header (exact); from a config the header's tokenizer part is an
-    estimate (``gguf_file_exact=False``). ``mmproj_bytes=None`` computes it from the vision config.
+    estimate (``gguf_file_exact=False``). ``mmproj_bytes=None``: the exact size of the seed's mmproj
+    layout for the vision config (:func:`nexlab.vision.mmproj_size` with
+    :data:`nexlab.mmproj.SEED_MMPROJ_DTYPE`: 902.82 MB for Nex-N2-mini, the model card's 903 MB).
     Compute buffers (activations) are not included.
     """
     gguf_path = None
@@ -360,7 +362,9 @@ def estimate(model: Q.HParams | str | Path, variant: str | None = "q4_k_m", n_ct
     if mmproj_bytes is None:
         if not model.vision:
             raise ValueError(f"{model.name} has no vision config: pass mmproj_bytes explicitly")
-        mmproj_bytes = mmproj_size(model.vision)
+        from nexlab.mmproj import SEED_MMPROJ_DTYPE  # noqa: PLC0415
+
+        mmproj_bytes = mmproj_size(model.vision, SEED_MMPROJ_DTYPE)
     if isinstance(mmproj_bytes, bool) or not isinstance(mmproj_bytes, int) or mmproj_bytes < 0:
         raise ValueError(f"mmproj_bytes must be an int >= 0, got {mmproj_bytes!r}")
     return MemoryEstimate(

@@ -28,9 +28,16 @@ files tensor for tensor and key for key (byte-equal), run ``llama-mtmd-cli`` on 
 compare llama.cpp's image embeddings with transformers' vision tower.
 
 Sizes come from the same plan: :func:`mmproj_file_nbytes` packs the planned header with gguf-py
-(:mod:`nexlab.gguf_layout`), so the predicted size of Nex-N2-mini's F16 mmproj is the size of
-the file this module writes. See :func:`explain_seed_size` for how that compares with the seed's
-903 MB and the workbook's earlier 899.3 MB estimate.
+(:mod:`nexlab.gguf_layout`), so a predicted size is the size of the file this module writes.
+For Nex-N2-mini (:func:`explain_seed_size`): ``--outtype f16`` gives 899,282,976 bytes (899.3 MB);
+the workbook's earlier 899.3 MB estimate was exactly this plan's tensor bytes, without the 19.6 KB
+header: nothing was missing or mis-typed for an F16 file. The seed's ``mmproj-...-F16.gguf`` is
+903 MB, 3.54 MB more: exactly the two Conv3d patch-embedding halves (2 x 1152x3x16x16) at F32
+instead of F16. llama.cpp's converter keeps them F16 only in an F16 file and writes them F32 for
+every other type; its ``bf16`` plan (also what ``--outtype auto`` picks for a BF16 checkpoint) is
+902,821,920 bytes, which rounds to 903 MB. So the seed's file has the layout of that plan (F32
+patch embedding, 2-byte weights), not of this converter's F16; the memory tables use that plan
+(:data:`SEED_MMPROJ_DTYPE`), and ``--mmproj f16`` / ``bf16`` write either file.
 """
 
 from __future__ import annotations
@@ -710,3 +717,104 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ----------------------------------------------------------------------------- sizes
+SEED_MMPROJ_DTYPE = "bf16"  # the converter type whose plan gives the seed's 903 MB file (see explain_seed_size)
+
+
+def config_for_vision(vision: dict, text_hidden: int | None = None) -> dict:
+    """A minimal config.json around a ``vision_config`` (the text hidden size is the projection
+    dim, ``out_hidden_size`` unless given): enough for :func:`plan_mmproj_from_config`."""
+    return {"vision_config": dict(vision),
+            "text_config": {"hidden_size": int(text_hidden or vision["out_hidden_size"]), "rms_norm_eps": 1e-6}}
+
+
+def byte_breakdown(plan: MmprojPlan) -> dict[str, int]:
+    """Where an mmproj's tensor bytes go: patch embedding, position embedding, the ViT blocks'
+    attention (qkv + out) and MLP (up + down) weights, their biases and LayerNorms, the merger
+    (``v.post_ln`` + ``mm.*``) and deepstack mergers; plus ``header`` (key/values, tensor infos,
+    alignment padding: file size minus tensor bytes)."""
+    groups: dict[str, int] = {}
+    for t in plan.tensors:
+        n = t.name
+        if n.startswith("v.patch_embd."):
+            g = "patch embedding"
+        elif n.startswith("v.position_embd."):
+            g = "position embedding"
+        elif n.startswith("v.blk.") and n.endswith(".weight") and ("attn_" in n or "ffn_" in n):
+            g = "blocks: attention weights" if "attn_" in n else "blocks: MLP weights"
+        elif n.startswith("v.blk."):
+            g = "blocks: biases and LayerNorms"
+        elif n.startswith("v.deepstack."):
+            g = "deepstack mergers"
+        else:
+            g = "merger"
+        groups[g] = groups.get(g, 0) + t.nbytes
+    groups["header"] = plan.file_nbytes - plan.tensor_nbytes
+    return groups
+
+
+def explain_seed_size(config: dict | None = None) -> dict[str, Any]:
+    """Nex-N2-mini's mmproj sizes from the exact plan, against the seed's 903 MB and the earlier
+    899.3 MB estimate (decimal MB, as the model card).
+
+    * ``f16_file``: what ``convert_hf_to_gguf.py --mmproj --outtype f16`` (and nexlab's ``--mmproj
+      f16``) writes: 899.28 MB. The earlier estimate, 899.26 MB, was this plan's tensor bytes
+      (``f16_tensors``) without the 19.6 KB header: no tensor was missing or mis-typed for an F16 file.
+    * ``bf16_file``: ``--outtype bf16`` (also what ``--outtype auto`` picks for the BF16 checkpoint):
+      902.82 MB, which rounds to the seed's 903 MB. The only layout difference is the Conv3d patch
+      embedding: the converter keeps its two 2x1152x3x16x16 halves F16 only in an F16 file and F32
+      in any other (``MmprojModel.tensor_force_quant``): +3,538,944 bytes. Every other weight is 2
+      bytes either way, biases, LayerNorms and the position embedding F32 either way.
+    * So the seed's "F16" file (903 MB) is not this converter's F16 layout; its size is that of the
+      layout with F32 patch-embedding kernels and 2-byte weights. The workbook's memory tables use
+      that plan (:data:`SEED_MMPROJ_DTYPE`), the writer can make both.
+    """
+    from nexlab.config import real_config  # noqa: PLC0415
+
+    cfg = config or real_config()
+    f16 = plan_mmproj_from_config(cfg, "f16", name="Nex-N2-mini")
+    bf16 = plan_mmproj_from_config(cfg, "bf16", name="Nex-N2-mini")
+    patch = {t.name: t for t in f16.tensors if t.name.startswith("v.patch_embd.weight")}
+    patch_extra = sum(t.nbytes for t in patch.values())  # F16 -> F32 doubles them
+    return {
+        "seed_mb": SEED_MMPROJ_MB,
+        "f16_file": f16.file_nbytes, "f16_tensors": f16.tensor_nbytes, "f16_header": f16.file_nbytes - f16.tensor_nbytes,
+        "bf16_file": bf16.file_nbytes, "bf16_tensors": bf16.tensor_nbytes,
+        "patch_embedding_f32_extra": patch_extra,
+        "bf16_minus_f16": bf16.file_nbytes - f16.file_nbytes,
+        "f16_rounds_to_mb": round(f16.file_nbytes / 1e6), "bf16_rounds_to_mb": round(bf16.file_nbytes / 1e6),
+        "n_tensors": len(f16.tensors),
+        "breakdown_f16": byte_breakdown(f16), "breakdown_bf16": byte_breakdown(bf16),
+    }
+
+
+# ----------------------------------------------------------------------------- llama.cpp's multimodal tool
+@dataclass
+class MtmdRun:
+    returncode: int
+    output: str   # the generated text (stdout)
+    log: str      # llama.cpp's log (stderr)
+    seconds: float
+    command: list
+
+
+def run_mtmd_cli(text_gguf: str | os.PathLike, mmproj: str | os.PathLike, image: str | os.PathLike, *,
+                 prompt: str = "Describe the image.", n_predict: int = 8, n_ctx: int = 512, threads: int = 2,
+                 timeout: float = 300) -> MtmdRun:
+    """Run ``llama-mtmd-cli -m TEXT --mmproj MMPROJ --image IMAGE -p PROMPT`` (greedy, seed 0, no
+    warm-up, CPU) and return what it printed; raise with the end of its log when it fails."""
+    import subprocess  # noqa: PLC0415
+
+    from nexlab.llamacpp import tool_path  # noqa: PLC0415
+
+    cmd = [str(tool_path("llama-mtmd-cli")), "-m", str(text_gguf), "--mmproj", str(mmproj), "--image", str(image),
+           "-p", prompt, "-n", str(int(n_predict)), "-c", str(int(n_ctx)), "-t", str(int(threads)),
+           "--temp", "0", "--seed", "0", "--no-warmup"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+    run = MtmdRun(r.returncode, r.stdout, r.stderr, time.perf_counter() - t0, cmd)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-mtmd-cli failed ({r.returncode}) on {image} with {mmproj}:\n{r.stderr[-3000:]}")
+    return run
