@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nexlab-installed
 export NEXLAB_NO_PROGRESS ?= 0
 
-.PHONY: install workbook smoke test unit lab bench clean
+.PHONY: install tools workbook smoke test unit lab bench clean
 
 install: $(STAMP)
 
@@ -22,16 +22,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/nexlab setup
 	touch $(STAMP)
 
-workbook: $(STAMP)
+# llama.cpp's tools (nexlab.llamacpp.TOOLS): built once; an older cache lacking a newer tool
+# (e.g. llama-mtmd-cli) is rebuilt once here; a complete one costs a second
+tools: $(STAMP)
+	$(BIN)/nexlab setup
+
+workbook: tools
 	$(BIN)/nexlab workbook
 
-smoke: $(STAMP)
+smoke: tools
 	$(BIN)/nexlab workbook --smoke
 
-test: $(STAMP)
+test: tools
 	$(BIN)/python -m pytest -q -rs
 
-unit: $(STAMP)
+unit: tools
 	$(BIN)/python -m pytest -q -m "not notebook"
 
 lab: $(STAMP)
