@@ -145,19 +145,51 @@ def _expert_modules(stack: str, n_expert: int) -> list[str]:
     return [f"{base}.{e}.{proj}" for e in range(n_expert)]
 
 
-def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.ndarray] | None = None) -> list[PlannedTensor]:
+#: what ``--experts`` can ask for: the routed and shared experts of a BF16 checkpoint quantized to NVFP4
+EXPERT_FORMATS = ("nvfp4",)
+
+
+def _check_experts(ck: Checkpoint, experts: str | None, nvfp4_scales: str | None) -> str | None:
+    """The scale method when ``experts == "nvfp4"`` (default ``max``), None otherwise; refuses a scale
+    method without ``--experts nvfp4`` and a checkpoint whose experts are NVFP4 already."""
+    from nexlab.scales import METHODS  # noqa: PLC0415
+
+    if experts is None:
+        if nvfp4_scales is not None:
+            raise ValueError(f"--nvfp4-scales {nvfp4_scales} needs --experts nvfp4 (a BF16 checkpoint's experts "
+                             "quantized by nexlab); a ModelOpt checkpoint's NVFP4 experts are repacked as they are")
+        return None
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"unknown --experts {experts!r}; choose one of {', '.join(EXPERT_FORMATS)}")
+    method = nvfp4_scales or "max"
+    if method not in METHODS:
+        raise ValueError(f"unknown --nvfp4-scales {method!r}; choose one of {', '.join(METHODS)}")
+    quantized = [m for m in ck.entries if m.endswith(".weight_scale") and Q.nvfp4_scope("mlp")(m)]
+    if quantized:
+        raise ValueError(f"{ck.path}: the experts are NVFP4 already ({quantized[0]}, ...): convert without "
+                         "--experts to repack them losslessly, or point --experts nvfp4 at a BF16 checkpoint")
+    return method
+
+
+def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.ndarray] | None = None, *,
+                 experts: str | None = None, nvfp4_scales: str | None = None) -> list[PlannedTensor]:
     """Every output tensor of the GGUF, in file order, from headers (and per-tensor scalars) only.
 
     The list is :func:`nexlab.qwen35moe.tensor_plan` for this checkpoint. ``imatrix``: ``{gguf_name:
     column weights}`` (:func:`nexlab.imatrix.quantize_weights`) used when a float tensor is quantized
     to a K-quant; a missing entry falls back to no importance weights, as llama.cpp does, with a
-    warning. Raises ValueError naming the tensor when a source is missing, has the wrong shape, or a
-    checkpoint tensor has no place in the file.
+    warning. ``experts="nvfp4"``: the routed and shared experts of a BF16 checkpoint become NVFP4 with
+    the scale rule ``nvfp4_scales`` (:mod:`nexlab.scales`; gate and up of an expert share a tensor
+    scale, as ModelOpt's export; ``.scale`` sidecars, no ``.input_scale``: that needs activation
+    calibration), the imatrix weighting ``search``. Raises ValueError naming the tensor when a source
+    is missing, has the wrong shape, or a checkpoint tensor has no place in the file.
     """
     import torch  # noqa: PLC0415
 
     cfg = ck.config
     hp = checkpoint_hparams(ck)
+    method = _check_experts(ck, experts, nvfp4_scales)
+    made_nvfp4 = Q.nvfp4_scope("mlp") if method is not None else (lambda module: False)
     T = _gguf().GGMLQuantizationType
     plain = (T.F32, T.F16, T.BF16)
     scalar_cache: dict[tuple[str, str], np.ndarray] = {}
@@ -172,12 +204,15 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
         return scalar_cache[key]
 
     def keep_sidecar(module: str, suffix: str) -> bool:
+        if made_nvfp4(module):
+            return suffix == ".scale"
         vals = sidecar_values(module, suffix)
         if vals.size > 1:
             return not np.allclose(vals, 1.0, atol=Q.SCALE_TRIVIAL_ATOL)
         return abs(float(vals.sum()) - 1.0) >= Q.SCALE_TRIVIAL_ATOL
 
-    specs = Q.tensor_plan(hp, variant, nvfp4=ck.is_nvfp4, sidecars=keep_sidecar, lm_head="lm_head.weight" in ck)
+    specs = Q.tensor_plan(hp, variant, nvfp4=lambda m: ck.is_nvfp4(m) or made_nvfp4(m), sidecars=keep_sidecar,
+                          lm_head="lm_head.weight" in ck)
 
     def imat(spec: Q.TensorSpec):
         if imatrix is None or spec.ggml_type in plain:
@@ -201,11 +236,60 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
             raise ValueError(f"NVFP4 module {module!r}: weight {list(w.shape)} / weight_scale {list(s.shape)}, "
                              f"the configuration needs [{out}, {n_in // 2}] / [{out}, {n_in // Q.NVFP4_GROUP_SIZE}]")
 
+    def expert_loader(layer: int, proj: str) -> tuple[Callable[[], Any], tuple[str, ...]]:
+        """A loader of a layer's routed experts ``proj`` as one float tensor [n_expert, out, in] (fused
+        ``gate_up_proj`` / ``down_proj`` or per-expert modules; shapes checked) and its sources."""
+        per_expert = (hp.n_ff_exp, hp.n_embd) if proj != "down_proj" else (hp.n_embd, hp.n_ff_exp)
+        if ck.experts_fused(layer):
+            p = f"model.layers.{layer}.mlp.experts."
+            gu, dn = p + "gate_up_proj", p + "down_proj"
+            used.update([gu, dn])
+            n_ff = hp.n_ff_exp
+            if proj == "down_proj":
+                expect(dn, (hp.n_expert,) + per_expert)
+                return (lambda: ck.load(dn)), (dn,)
+            expect(gu, (hp.n_expert, 2 * n_ff, hp.n_embd))
+            rows = slice(0, n_ff) if proj == "gate_proj" else slice(n_ff, 2 * n_ff)
+            return (lambda: ck.load(gu)[:, rows, :]), (gu,)
+        mods = _expert_modules(f"model.layers.{layer}.mlp.experts.{proj}", hp.n_expert)
+        for m in mods:
+            expect(m + ".weight", per_expert)
+        srcs = tuple(m + ".weight" for m in mods)
+        used.update(srcs)
+        return (lambda: torch.stack([ck.load(n) for n in srcs])), srcs
+
+    made: dict[str, list] = {}  # module -> [ggml bytes, scale values, uses left]
+
+    def made_tensor(module: str, what: int) -> np.ndarray:
+        """Quantize the group holding ``module`` (an expert's gate and up share a tensor scale) with the
+        chosen scale rule on first use; ``what`` 0: its ggml bytes, 1: its ``.scale`` values. Each part
+        is handed out once, then dropped."""
+        if module not in made:
+            made.update(_quantize_expert_group(module, hp, loaders, method, imatrix))
+        item = made[module]
+        out, item[what] = item[what], None
+        item[2] -= 1
+        if item[2] == 0:
+            del made[module]
+        return out
+
+    loaders: dict[str, tuple[Callable[[], Any], str]] = {}  # module -> (loader of [E?, out, in], gguf name)
     used: set[str] = set()
     plan: list[PlannedTensor] = []
     for spec in specs:
         hf = spec.hf
-        if spec.kind in ("scale", "input_scale"):
+        if spec.kind in ("scale", "input_scale") and made_nvfp4(hf):
+            plan.append(PlannedTensor(spec, lambda m=hf: made_tensor(m, 1), (hf,)))
+        elif spec.kind == "nvfp4" and made_nvfp4(hf):
+            if spec.stacked:
+                load, srcs = expert_loader(spec.layer, hf.rsplit(".", 1)[1])
+            else:
+                expect(hf + ".weight", spec.shape)
+                used.add(hf + ".weight")
+                load, srcs = (lambda m=hf: ck.load(m + ".weight")), (hf + ".weight",)
+            loaders[hf] = (load, spec.name)
+            plan.append(PlannedTensor(spec, lambda m=hf: made_tensor(m, 0), srcs))
+        elif spec.kind in ("scale", "input_scale"):
             vals = sidecar_values(hf, spec.name[spec.name.rindex("."):])
             plan.append(PlannedTensor(spec, lambda v=vals: v, (hf,)))
         elif spec.kind == "nvfp4" and not spec.stacked:
@@ -226,27 +310,7 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
 
             plan.append(PlannedTensor(spec, produce, tuple(m + ".weight" for m in mods)))
         elif spec.stacked:
-            layer, proj = spec.layer, hf.rsplit(".", 1)[1]
-            per_expert = spec.shape[1:]  # stacked: [n_expert, out, in]
-            if ck.experts_fused(layer):
-                p = f"model.layers.{layer}.mlp.experts."
-                gu, dn = p + "gate_up_proj", p + "down_proj"
-                used.update([gu, dn])
-                n_ff = hp.n_ff_exp
-                if proj == "down_proj":
-                    expect(dn, (hp.n_expert,) + tuple(per_expert))
-                    load, srcs = (lambda dn=dn: ck.load(dn)), (dn,)
-                else:
-                    expect(gu, (hp.n_expert, 2 * n_ff, hp.n_embd))
-                    rows = slice(0, n_ff) if proj == "gate_proj" else slice(n_ff, 2 * n_ff)
-                    load, srcs = (lambda gu=gu, rows=rows: ck.load(gu)[:, rows, :]), (gu,)
-            else:
-                mods = _expert_modules(hf, hp.n_expert)
-                for m in mods:
-                    expect(m + ".weight", tuple(per_expert))
-                used.update(m + ".weight" for m in mods)
-                srcs = tuple(m + ".weight" for m in mods)
-                load = lambda srcs=srcs: torch.stack([ck.load(n) for n in srcs])  # noqa: E731
+            load, srcs = expert_loader(spec.layer, hf.rsplit(".", 1)[1])
             plan.append(PlannedTensor(spec, lambda load=load, spec=spec:
                                       encode_tensor(load(), spec.ggml_type, spec.name, imat(spec)), srcs))
         else:
@@ -259,6 +323,43 @@ def plan_tensors(ck: Checkpoint, variant: str = "bf16", imatrix: dict[str, np.nd
     if left:
         raise ValueError(f"{len(left)} checkpoint tensors have no place in the qwen35moe GGUF, e.g. {left[:3]}")
     return plan
+
+
+def _quantize_expert_group(module: str, hp: Q.HParams, loaders: dict, method: str,
+                           imatrix: dict[str, np.ndarray] | None) -> dict[str, list]:
+    """NVFP4 of the projections that share a tensor scale with ``module`` (gate and up of each expert;
+    down alone) by :func:`nexlab.scales.quantize_nvfp4_group`, expert by expert, repacked to ggml:
+    ``{module: [ggml bytes, .scale values, 2]}``. Column weights from the imatrix entry of each GGUF
+    tensor (per expert for ``*_exps``); an expert without routed tokens gets llama-quantize's uniform
+    weights, which the search treats as unweighted."""
+    from nexlab.scales import quantize_nvfp4_group  # noqa: PLC0415
+
+    base, proj = module.rsplit(".", 1)
+    group = [f"{base}.{p}" for p in (("gate_proj", "up_proj") if proj != "down_proj" else ("down_proj",))]
+    stacked = base.endswith(".experts")
+    n_e = hp.n_expert if stacked else 1
+    ws, imps, outs = [], [], []
+    for m in group:
+        load, gname = loaders[m]
+        w = load().float().numpy().reshape(n_e, *_expert_shape(hp, m))
+        ws.append(w)
+        imps.append(imatrix_for_tensor(imatrix, gname, w.shape[-1], n_e, log=log.warning))
+        outs.append(np.empty((n_e, w.shape[1], w.shape[2] // 64 * 36), dtype=np.uint8))
+    qs = quantize_nvfp4_group(ws, method, imps, names=[loaders[m][1] for m in group])
+    del ws
+    for k, q in enumerate(qs):
+        for e in range(n_e):
+            repack_modelopt_to_ggml(q.weight[e], q.weight_scale[e], name=f"{loaders[group[k]][1]} (expert {e})",
+                                    out=outs[k][e])
+    return {m: [o if stacked else o[0], np.asarray(q.weight_scale_2, dtype=np.float32).reshape(n_e), 2]
+            for m, o, q in zip(group, outs, qs)}
+
+
+def _expert_shape(hp: Q.HParams, module: str) -> tuple[int, int]:
+    """[out, in] of one expert projection (routed or shared) of ``hp``."""
+    proj = module.rsplit(".", 1)[1]
+    n_ff = hp.n_ff_exp if ".experts" in module else hp.n_ff_shexp
+    return (hp.n_embd, n_ff) if proj == "down_proj" else (n_ff, hp.n_embd)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -393,7 +494,8 @@ class ConversionPlan:
 def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = "fixed", *,
                     tokenizer_dir: str | os.PathLike | None = None, name: str | None = None,
                     license: str = "apache-2.0", quantized_by: str = "nexlab", source_url: str | None = None,
-                    imatrix: str | os.PathLike | None = None, tokenizer_pre: str | None = None) -> ConversionPlan:
+                    imatrix: str | os.PathLike | None = None, tokenizer_pre: str | None = None,
+                    experts: str | None = None, nvfp4_scales: str | None = None) -> ConversionPlan:
     """Validate the open checkpoint and plan the whole file (tensors and metadata); nothing is read
     but headers, per-tensor scalars, the tokenizer and the imatrix. ``tokenizer_pre``: see
     :func:`convert_checkpoint`."""
@@ -402,7 +504,7 @@ def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = 
     g = _gguf()
     validate_checkpoint(ck)
     weights = quantize_weights(read_imatrix(imatrix)) if imatrix is not None else None
-    plan = plan_tensors(ck, variant, weights)
+    plan = plan_tensors(ck, variant, weights, experts=experts, nvfp4_scales=nvfp4_scales)
     hp = checkpoint_hparams(ck)
     tok = tokenizer_metadata(_find_tokenizer_dir(ck, tokenizer_dir), hp.n_vocab, ck.config,
                              tokenizer_pre=tokenizer_pre)
@@ -535,7 +637,8 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
                        chat_template: str = "fixed", *, tokenizer_dir: str | os.PathLike | None = None,
                        name: str | None = None, license: str = "apache-2.0", quantized_by: str = "nexlab",
                        source_url: str | None = None, imatrix: str | os.PathLike | None = None,
-                       tokenizer_pre: str | None = None, show_progress: bool = True) -> ConvertResult:
+                       tokenizer_pre: str | None = None, experts: str | None = None,
+                       nvfp4_scales: str | None = None, show_progress: bool = True) -> ConvertResult:
     """Convert a Qwen3.5-MoE checkpoint (ModelOpt NVFP4 or BF16) to a qwen35moe GGUF.
 
     ``variant``: ``bf16`` (NVFP4 tensors kept, the rest BF16/F32: the "NVFP4-BF16" file); ``q8_0``
@@ -547,14 +650,16 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     path. ``imatrix``: a llama-imatrix GGUF whose column weights guide the K-quant search (q4_k_m).
     ``tokenizer_pre``: llama.cpp's pre-tokenizer name to write as ``tokenizer.ggml.pre``; default:
     recognised from tokenizer.json (:func:`nexlab.tokenizer.pretokenizer_name`), which refuses a
-    pre-tokenizer it does not know. Raises ValueError naming the tensor on malformed input; never
-    leaves a partial output file.
+    pre-tokenizer it does not know. ``experts="nvfp4"``: quantize a BF16 checkpoint's routed and shared
+    experts to NVFP4 with the scale rule ``nvfp4_scales`` (``max``: ModelOpt's, the default;
+    ``4over6``; ``search``, weighted by ``imatrix`` when given: :mod:`nexlab.scales`). Raises
+    ValueError naming the tensor on malformed input; never leaves a partial output file.
     """
     t0 = time.perf_counter()
     with Checkpoint(ckpt_dir) as ck:
         cp = plan_conversion(ck, variant, chat_template, tokenizer_dir=tokenizer_dir, name=name, license=license,
                              quantized_by=quantized_by, source_url=source_url, imatrix=imatrix,
-                             tokenizer_pre=tokenizer_pre)
+                             tokenizer_pre=tokenizer_pre, experts=experts, nvfp4_scales=nvfp4_scales)
         path = write_gguf(out_path, ARCH, cp.add_metadata, cp.tensors, show_progress=show_progress,
                           desc=f"convert {Path(out_path).name}")
     types: dict[str, int] = {}
@@ -630,7 +735,8 @@ def _cli(args: argparse.Namespace) -> int:
         os.environ["NEXLAB_NO_PROGRESS"] = "1"
     r = convert_checkpoint(args.ckpt_dir, args.output, variant=args.variant, chat_template=args.chat_template,
                            tokenizer_dir=args.tokenizer_dir, name=args.name, source_url=args.source_url,
-                           imatrix=args.imatrix, tokenizer_pre=args.tokenizer_pre)
+                           imatrix=args.imatrix, tokenizer_pre=args.tokenizer_pre, experts=args.experts,
+                           nvfp4_scales=args.nvfp4_scales)
     types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
     print(f"wrote {r.path} ({r.nbytes / 2**20:.1f} MiB, {r.n_tensors} tensors: {types}) in {r.seconds:.1f} s")
     return 0
@@ -651,7 +757,13 @@ def register_cli(subparsers) -> None:
                         "tokenizer.json: qwen35, qwen2 or gpt-2)")
     p.add_argument("--name", default=None, help="general.name (default: config _name_or_path or folder name)")
     p.add_argument("--source-url", default=None, help="general.source.url")
-    p.add_argument("--imatrix", default=None, help="importance matrix GGUF (llama-imatrix format) for q4_k_m")
+    p.add_argument("--imatrix", default=None, help="importance matrix GGUF (llama-imatrix format) for q4_k_m "
+                                                   "and --nvfp4-scales search")
+    p.add_argument("--experts", default=None, choices=EXPERT_FORMATS,
+                   help="nvfp4: quantize a BF16 checkpoint's routed and shared experts to NVFP4")
+    p.add_argument("--nvfp4-scales", default=None, choices=("max", "4over6", "search"),
+                   help="NVFP4 scale rule with --experts nvfp4: max (ModelOpt's, default), 4over6, or search "
+                        "(per-block E4M3 scale search, imatrix-weighted with --imatrix)")
     p.add_argument("--mmproj", nargs="?", const="f16", default=None, choices=("f16", "bf16", "f32"),
                    help="write the vision tower as llama.cpp's mmproj GGUF instead (default type f16), as "
                         "convert_hf_to_gguf.py --mmproj does; for llama-mtmd-cli / llama-server --mmproj")

@@ -69,6 +69,7 @@ from .formats import (
 
 __all__ = [
     "quantize_nvfp4_modelopt",
+    "encode_nvfp4_modelopt",
     "dequantize_nvfp4_modelopt",
     "pack_nibbles_adjacent",
     "unpack_nibbles_adjacent",
@@ -248,12 +249,47 @@ def quantize_nvfp4_modelopt(
             s[s == 0] = np.float32(1.0)
             np.clip(s, np.float32(2.0**-9), np.float32(448.0), out=s)
             sb = f32_to_e4m3_bytes(s)
-            scale = E4M3_VALUES[sb] * wsf2
-            y = xb / scale[..., None]
-            codes = _e2m1_codes_rne(y).reshape(xb.shape[0], n)
-            packed[sl] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            packed[sl] = _encode_blocks(xb, sb, wsf2)
             scales[sl] = sb
     return packed.reshape(lead + (n // 2,)), scales.reshape(lead + (n // NVFP4_GROUP,)), wsf2
+
+
+def _encode_blocks(xb: np.ndarray, sb: np.ndarray, wsf2: np.float32) -> np.ndarray:
+    """ModelOpt's step 3 for blocks ``xb [R, nb, 16]`` (float32) under E4M3 scale bytes ``sb [R, nb]``:
+    ``y = x / (e4m3(sb) * weight_scale_2)`` (product first), RNE onto E2M1; returns the adjacent-pair
+    packed bytes ``[R, nb * 8]``."""
+    scale = E4M3_VALUES[sb] * wsf2
+    y = xb / scale[..., None]
+    codes = _e2m1_codes_rne(y).reshape(xb.shape[0], -1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def encode_nvfp4_modelopt(w: Any, weight_scale: Any, weight_scale_2: Any, *, name: str | None = None) -> np.ndarray:
+    """E2M1 codes of ``w [..., in]`` under given block scales, as ModelOpt's ``NVFP4QTensor.quantize``
+    computes them once the scales are chosen (step 3 of :func:`quantize_nvfp4_modelopt`).
+
+    ``weight_scale``: uint8 E4M3 bytes ``[..., in/16]`` (positive, not NaN); ``weight_scale_2``: the
+    float32 tensor scale. Returns the packed uint8 ``weight [..., in/2]`` (even column in the low
+    nibble). With the scales :func:`quantize_nvfp4_modelopt` chose it returns its ``weight`` byte for
+    byte; nexlab.scales uses it to encode scales chosen by other rules.
+    """
+    x = as_f32(w, name=name, finite=True)
+    _check_rows(x, NVFP4_GROUP, name, "weight")
+    n = x.shape[-1]
+    sb = as_bytes(weight_scale, name=name)
+    if sb.shape != x.shape[:-1] + (n // NVFP4_GROUP,):
+        raise ValueError(f"{_label(name, 'weight')}: weight_scale shape {list(sb.shape)}, expected "
+                         f"{list(x.shape[:-1]) + [n // NVFP4_GROUP]}")
+    v = E4M3_VALUES[sb]
+    if not (np.isfinite(v) & (v > 0)).all():
+        raise ValueError(f"{_label(name, 'weight')}: weight_scale has zero, negative or NaN E4M3 bytes")
+    wsf2 = _scalar_f32(weight_scale_2, "weight_scale_2")
+    rows, srows = x.reshape(-1, n), sb.reshape(-1, n // NVFP4_GROUP)
+    packed = np.empty((rows.shape[0], n // 2), dtype=np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        for sl in _row_chunks(rows.shape[0], n):
+            packed[sl] = _encode_blocks(rows[sl].reshape(-1, n // NVFP4_GROUP, NVFP4_GROUP), srows[sl], wsf2)
+    return packed.reshape(x.shape[:-1] + (n // 2,))
 
 
 def dequantize_nvfp4_modelopt(
