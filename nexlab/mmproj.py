@@ -656,6 +656,19 @@ def transformers_image_embeddings(ckpt_dir: str | os.PathLike, image: np.ndarray
     return out.pooler_output.float().numpy()
 
 
+_MTMD_QUIET = []
+
+
+def _mtmd_quiet_callback():
+    """A log callback for libmtmd that drops every line (kept alive for the process: libmtmd holds
+    the pointer)."""
+    import llama_cpp  # noqa: PLC0415
+
+    if not _MTMD_QUIET:
+        _MTMD_QUIET.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+    return _MTMD_QUIET[0]
+
+
 def llamacpp_image_embeddings(mmproj_path: str | os.PathLike, text_gguf: str | os.PathLike, image: np.ndarray,
                               *, n_threads: int = 2) -> np.ndarray:
     """The image tokens llama.cpp computes (libmtmd through llama-cpp-python's ``mtmd_cpp``
@@ -670,6 +683,7 @@ def llamacpp_image_embeddings(mmproj_path: str | os.PathLike, text_gguf: str | o
 
     llm = open_model(text_gguf, n_ctx=256, n_threads=n_threads)
     model_ptr = llm._model.model
+    M.mtmd_log_set(_mtmd_quiet_callback(), None)  # clip's loader logs every tensor to stderr otherwise
     params = M.mtmd_context_params_default()
     params.use_gpu = False
     params.n_threads = int(n_threads)
