@@ -56,8 +56,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .formats import E4M3_VALUES, NVFP4_GROUP, _label, as_f32, f32_to_e4m3_bytes
-from .nvfp4 import _block_absmax, dequantize_nvfp4_modelopt, encode_nvfp4_modelopt, quantize_nvfp4_modelopt
+from .formats import E4M3_VALUES, NVFP4_GROUP, _label, as_f32
+from .nvfp4 import dequantize_nvfp4_modelopt, encode_nvfp4_modelopt, quantize_nvfp4_modelopt
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ TENSOR_SCALE_DIVISORS = (448, 416, 384, 352, 320, 288, 256)
 #: Four Over Six's tensor-scale divisor (block scales up to 256 * 6 / 4 = 384 < 448)
 FOUR_OVER_SIX_DIVISOR = 256
 #: rows of a tensor (group) the tensor-scale search looks at: every k-th row so about this many
-TENSOR_SEARCH_ROWS = 4096
+TENSOR_SEARCH_ROWS = 64
 #: floor of an informed expert's column weights, relative to their mean
 WEIGHT_FLOOR = 1e-4
 #: blocks per chunk of the candidate kernel (bounds its temporaries to ~40 MB)
@@ -151,73 +151,60 @@ def element_weights(importance: Any | None, n_in: int, *, name: str | None = Non
 
 
 # ----------------------------------------------------------------------------- the candidate kernel
-def _errors_eager(a, c, s):
-    """Weighted squared error of blocks ``a = |x| [N, 16]`` (weights ``c [N, 16]`` or None) under each
-    candidate scale ``s [N, K]`` (block scale times tensor scale): ``[N, K]``."""
+def _best_codes_eager(x, c, g, e4, offs):
+    """For blocks ``x [R, B, 16]`` (float32 torch) under tensor scale ``g`` (0-d): the E4M3 code each
+    block keeps and its (weighted) squared error, both ``[R, B]``.
+
+    Candidates: ModelOpt's map-to-6 code ``b6`` plus ``offs`` (``offs[0] == 0``), and the map-to-4 code
+    ``b4``, each clamped to the positive E4M3 codes. ``b6`` / ``b4`` are ModelOpt's computation (the
+    product ``6 g`` / ``4 g`` first, zero blocks -> 1.0, clamp to [2**-9, 448], torch's RNE cast to
+    float8_e4m3fn, the cast ModelOpt uses). ``c [B, 16]``: per-element weights. The E2M1
+    rounding is round-half-to-even written as ``rint(y / step) * step``, step 0.5 / 1 / 2 below 2 / 4
+    / above, clipped at 6. argmin keeps the first of equal errors: ``b6``.
+    """
     import torch  # noqa: PLC0415
 
-    y = a[:, None, :] / s[:, :, None]
+    a = x.abs()
+    bmax = a.amax(-1)
+    s6 = torch.where(bmax == 0, 1.0, bmax / (g * 6.0)).clamp(2.0**-9, 448.0)
+    s4 = torch.where(bmax == 0, 1.0, bmax / (g * 4.0)).clamp(2.0**-9, 448.0)
+    b6 = s6.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    b4 = s4.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    codes = torch.cat([b6[..., None] + offs, b4[..., None]], -1).clamp(_E4M3_MIN_CODE, _E4M3_MAX_CODE)
+    s = e4[codes] * g
+    y = a[..., None, :] / s[..., None]
     step = torch.where(y < 2, 0.5, torch.where(y < 4, 1.0, 2.0))
-    r = torch.clamp_max(torch.round(y / step) * step, 6.0) * s[:, :, None]
-    d = (a[:, None, :] - r) ** 2
-    return (d if c is None else d * c[:, None, :]).sum(-1)
+    r = torch.clamp_max(torch.round(y / step) * step, 6.0) * s[..., None]
+    err = ((a[..., None, :] - r) ** 2 * c[:, None, :]).sum(-1)
+    k = torch.argmin(err, -1, keepdim=True)
+    return torch.gather(codes, -1, k)[..., 0].to(torch.uint8), torch.gather(err, -1, k)[..., 0]
 
 
 _kernel: dict[str, Any] = {}
 
 
-def _errors(a, c, s):
-    """:func:`_errors_eager`, compiled by torch.compile once per process when that works."""
+def _best_codes(x, c, g, method: str):
+    """:func:`_best_codes_eager` with the method's offsets, compiled by torch.compile once per process
+    when that works (else eagerly, with a warning)."""
+    import torch  # noqa: PLC0415
+
+    if "e4" not in _kernel:
+        _kernel["e4"] = torch.from_numpy(np.nan_to_num(E4M3_VALUES.astype(np.float32)))
+        _kernel["offs"] = {"4over6": torch.zeros(1, dtype=torch.int32),
+                           "search": torch.tensor([0] + [o for o in SEARCH_OFFSETS if o], dtype=torch.int32)}
+    args = (x, c, g, _kernel["e4"], _kernel["offs"][method])
     fn = _kernel.get("fn")
     if fn is None:
         try:
-            import torch  # noqa: PLC0415
-
-            compiled = torch.compile(_errors_eager, dynamic=True)
-            out = compiled(a, c, s)
+            compiled = torch.compile(_best_codes_eager, dynamic=True)
+            out = compiled(*args)
             _kernel["fn"] = compiled
             return out
         except Exception as exc:  # noqa: BLE001  (no C++ compiler, unsupported platform, ...)
             log.warning("torch.compile is not available here (%s); the NVFP4 scale search runs eagerly, "
-                        "about 40x slower", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            _kernel["fn"] = fn = _errors_eager
-    return fn(a, c, s)
-
-
-def _candidate_codes(bmax: np.ndarray, g: np.ndarray, method: str) -> np.ndarray:
-    """E4M3 codes ``[N, K]`` a method considers for blocks of max ``bmax [N]`` under tensor scales
-    ``g [N]``; column 0 is the map-to-6 code (ModelOpt's rule: the product ``6 g`` rounded to float32
-    first, zero blocks get scale 1.0, clamp to [2**-9, 448], RNE to E4M3)."""
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        s6 = bmax / (np.float32(6.0) * g)
-        s6[s6 == 0] = np.float32(1.0)
-        b6 = f32_to_e4m3_bytes(np.clip(s6, np.float32(2.0**-9), np.float32(448.0))).astype(np.int16)
-        if method == "max":
-            return b6[:, None]
-        s4 = bmax / (np.float32(4.0) * g)
-        s4[s4 == 0] = np.float32(1.0)
-        b4 = f32_to_e4m3_bytes(np.clip(s4, np.float32(2.0**-9), np.float32(448.0))).astype(np.int16)
-    if method == "4over6":
-        return np.stack([b6, b4], axis=1)
-    offs = np.array(SEARCH_OFFSETS, dtype=np.int16)
-    offs = np.concatenate([[0], offs[offs != 0]])  # ModelOpt's code first: ties keep it
-    codes = np.concatenate([b6[:, None] + offs[None, :], b4[:, None]], axis=1)
-    return np.clip(codes, _E4M3_MIN_CODE, _E4M3_MAX_CODE)
-
-
-def _pick(xb: np.ndarray, cb: np.ndarray | None, g: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """Best code per block and its (weighted) squared error for blocks ``xb [N, 16]`` under tensor
-    scales ``g [N]`` (weights ``cb [N, 16]`` or None)."""
-    import torch  # noqa: PLC0415
-
-    codes = _candidate_codes(_block_absmax(xb), g, method)
-    s = torch.from_numpy((E4M3_VALUES[codes] * g[:, None]).astype(np.float32))
-    a = torch.from_numpy(np.abs(xb))
-    c = None if cb is None else torch.from_numpy(cb)
-    err = _errors(a, c, s)
-    k = torch.argmin(err, dim=1)  # first minimum: ModelOpt's code on ties
-    best = torch.gather(err, 1, k[:, None])[:, 0].numpy().astype(np.float64)
-    return np.take_along_axis(codes, k.numpy()[:, None], 1)[:, 0].astype(np.uint8), best
+                        "several times slower", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _kernel["fn"] = fn = _best_codes_eager
+    return fn(*args)
 
 
 def _as_stack(x: Any, name: str | None) -> np.ndarray:
@@ -244,13 +231,16 @@ def choose_block_scales(x: Any, g: Any, method: str = "search", importance: Any 
 
     ``max``: ModelOpt's map-to-6 code; ``4over6``: map-to-6 or map-to-4, whichever has the lower
     unweighted squared error (ties: 6); ``search``: the best of the candidates (module docstring)
-    under the column weights ``importance`` (``[in]``, or ``[experts, in]``; None: unweighted). Runs
-    over all experts' blocks at once, in chunks of :data:`CHUNK_BLOCKS`.
+    under the column weights ``importance`` (``[in]``, or ``[experts, in]``; None: unweighted). One
+    kernel call per expert and chunk of at most :data:`CHUNK_BLOCKS` blocks.
     """
+    import torch  # noqa: PLC0415
+
     method = _check_method(method)
     xs = _as_stack(x, name)
     n_e, rows, n_in = xs.shape
     ge = _tensor_scales(g, n_e, name)
+    nb = n_in // NVFP4_GROUP
     cw = None
     if importance is not None and method == "search":
         cw = np.asarray(importance, dtype=np.float32)
@@ -258,20 +248,26 @@ def choose_block_scales(x: Any, g: Any, method: str = "search", importance: Any 
         if cw.shape != (n_e, n_in):
             raise ValueError(f"{_label(name, 'importance')}: column weights of shape {list(cw.shape)}, "
                              f"expected [{n_e}, {n_in}]")
-        cw = cw.reshape(n_e, n_in // NVFP4_GROUP, NVFP4_GROUP)
-    nb_row = n_in // NVFP4_GROUP
-    per_e = rows * nb_row
-    xb = xs.reshape(-1, NVFP4_GROUP)
-    out = np.empty(xb.shape[0], dtype=np.uint8)
+    codes = np.empty((n_e, rows, nb), dtype=np.uint8)
     err = np.zeros(n_e, dtype=np.float64)
-    for i in range(0, xb.shape[0], CHUNK_BLOCKS):
-        idx = np.arange(i, min(i + CHUNK_BLOCKS, xb.shape[0]))
-        e = idx // per_e
-        cb = None if cw is None else cw[e, idx % nb_row]
-        codes, be = _pick(xb[idx[0]: idx[-1] + 1], cb, ge[e], method)
-        out[idx[0]: idx[-1] + 1] = codes
-        err += np.bincount(e, weights=be, minlength=n_e)
-    return out.reshape(xs.shape[:2] + (nb_row,)).reshape(np.shape(x)[:-1] + (nb_row,)), err
+    step = max(1, CHUNK_BLOCKS // nb)
+    for e in range(n_e):
+        g_t = torch.tensor(ge[e], dtype=torch.float32)
+        # unweighted = weights of 1: the kernel compiled with weights is several times faster than without
+        c_t = (torch.ones(nb, NVFP4_GROUP) if cw is None
+               else torch.from_numpy(np.ascontiguousarray(cw[e].reshape(nb, NVFP4_GROUP))))
+        for r in range(0, rows, step):
+            xb = torch.from_numpy(np.ascontiguousarray(xs[e, r: r + step].reshape(-1, nb, NVFP4_GROUP)))
+            if method == "max":
+                b6 = torch.where((m := xb.abs().amax(-1)) == 0, 1.0, m / (g_t * 6.0)).clamp(2.0**-9, 448.0)
+                codes[e, r: r + step] = b6.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+                continue
+            k, be = _best_codes(xb, c_t, g_t, method)
+            codes[e, r: r + step] = k.numpy()
+            err[e] += float(be.sum(dtype=torch.float64))
+    if method == "max":
+        err = np.array([block_errors(xs[e], codes[e], ge[e]).sum() for e in range(n_e)])
+    return codes.reshape(np.shape(x)[:-1] + (nb,)), err
 
 
 def block_errors(xb: np.ndarray, codes: np.ndarray, g: Any, cb: np.ndarray | None = None) -> np.ndarray:
