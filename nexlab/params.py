@@ -89,8 +89,8 @@ _VARIANTS = ("bf16", "q8_0", "q4_k_m")
 #: every chapter's parameters and their rules, in the order of its parameters cell
 CHAPTERS: dict[str, dict[str, Rule]] = {
     "00_models": {**_COMMON, "SLICE_VOCAB": integer(1), "WRITE_SLICE": boolean},
-    "01_nvfp4_numerics": {**_COMMON, "N_VALUES": integer(64), "BENCH_ROWS": integer(1),
-                          "BENCH_COLS": multiple_of(64, 64), "BENCH_REPEAT": integer(1)},
+    "01_nvfp4_numerics": {**_COMMON, "N_VALUES": integer(0), "BENCH_ROWS": integer(0),  # 0: smoke / full default
+                          "BENCH_COLS": multiple_of(64, 0), "BENCH_REPEAT": integer(0)},
     "02_checkpoint_repacking": {**_COMMON, "LAYER": integer(0)},
     "03_gguf_writing": {**_COMMON, "N_POSITIONS": integer(128), "RUN_REFERENCE_CONVERTER": boolean,
                         "RUN_BENCHMARK": boolean},

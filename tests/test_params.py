@@ -23,7 +23,8 @@ def _cells(nb):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_chapter_checks_exactly_its_parameters_first(notebook):
     params_src, setup_src = _cells(notebook)
-    names = [t.id for node in ast.parse(params_src).body if isinstance(node, ast.Assign) for t in node.targets]
+    body = ast.parse(params_src).body  # NAME: type = value (annotated, for papermill --help-notebook) or NAME = value
+    names = [t.id for node in body for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
     assert notebook.stem in P.CHAPTERS, f"add {notebook.stem}'s parameters to nexlab.params.CHAPTERS"
     assert names == list(P.CHAPTERS[notebook.stem]), "nexlab.params.CHAPTERS must list the parameters cell's names"
     first_call = next(n for n in ast.parse(setup_src).body if isinstance(n, ast.Expr))
