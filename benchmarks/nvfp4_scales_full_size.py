@@ -85,13 +85,13 @@ def main(argv=None) -> int:
     import torch
 
     ckpt = a.workdir / "ckpt"
-    t0 = time.perf_counter()
+    t0, t_synth = time.perf_counter(), None
     if not (ckpt / "config.json").exists():
         log(f"nexlab synth nex-n2-mini -> {ckpt}")
         write_synth("nex-n2-mini", ckpt)
-    t_synth = time.perf_counter() - t0
+        t_synth = time.perf_counter() - t0
     rec = {"machine": machine(), "torch_threads": torch.get_num_threads(), "layers": a.layers, "methods": methods,
-           "synth_seconds": t_synth, "per_layer": []}
+           "synth_seconds": t_synth, "checkpoint_reused": t_synth is None, "per_layer": []}
     try:
         with Checkpoint(ckpt) as ck:
             n_expert = int(ck.config["num_experts"])

@@ -83,6 +83,14 @@ def int_list(v: Any) -> str | None:
     return None
 
 
+def optional(rule: Rule) -> Rule:
+    """None (the chapter's smoke / full default) or a value ``rule`` accepts."""
+    def check(v: Any) -> str | None:
+        msg = rule(v)
+        return None if v is None or msg is None else f"{msg} (or None for the default)"
+    return check
+
+
 _COMMON: dict[str, Rule] = {"SMOKE": boolean, "SEED": integer(0), "OUTPUT_DIR": folder, "ARTIFACTS_DIR": folder}
 _VARIANTS = ("bf16", "q8_0", "q4_k_m")
 
@@ -101,6 +109,9 @@ CHAPTERS: dict[str, dict[str, Rule]] = {
                            "MMPROJ_DTYPE": one_of("f16", "bf16", "f32"), "VERIFY_WITH_LLAMA": boolean},
     "06_throughput": {**_COMMON, "THREADS": int_list, "PARALLEL": int_list, "REPS": integer(1),
                       "DEPTH": integer(0)},
+    "07_better_nvfp4_scales": {**_COMMON, "LAYER": integer(0), "IMATRIX_CHUNKS": integer(1),
+                               "EVAL_CHUNK": integer(16), "EVAL_CHUNKS": optional(integer(1)),
+                               "LLAMA_THREADS": integer(1)},
 }
 
 

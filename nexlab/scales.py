@@ -75,6 +75,7 @@ __all__ = [
     "quantize_nvfp4_group",
     "block_errors",
     "weighted_error",
+    "explain_block",
 ]
 
 #: the scale-choice rules of ``nexlab convert --nvfp4-scales``
@@ -377,3 +378,32 @@ def quantize_nvfp4_group(weights: Sequence[Any], method: str = "max", importance
             q = np.stack([encode_nvfp4_modelopt(x[e], sb[e], g[e], name=n) for e in range(x.shape[0])])
         out.append(NVFP4Scaled(q[0], sb[0], np.float32(g[0])) if sq else NVFP4Scaled(q, sb, g.astype(np.float32)))
     return out
+
+
+# ----------------------------------------------------------------------------- teaching (notebook 07)
+def explain_block(values: Any, g: Any, importance: Any | None = None) -> dict[str, Any]:
+    """Every candidate of one 16-value block under tensor scale ``g``: ``{"b6", "b4", "rows": [{"code",
+    "offset", "scale", "decoded", "error"}...], "best": {method: code}}`` with ``offset`` relative to
+    ModelOpt's map-to-6 code ``b6``, ``decoded`` the 16 values ModelOpt's encoding gives under that
+    block scale and ``error`` the exact (weighted) squared error (:func:`block_errors`). ``best`` holds
+    the code each method picks (``max``, ``4over6``, ``search``) at this ``g``."""
+    x = as_f32(values, name="block", finite=True).reshape(1, NVFP4_GROUP)
+    g = np.float32(g)
+    c = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(1, NVFP4_GROUP)
+    best = {m: int(choose_block_scales(x, g, m, None if c is None else c[0])[0].reshape(-1)[0]) for m in METHODS}
+    fouro6 = choose_block_scales(x, g, "4over6")[0].reshape(-1)[0]
+    b6 = best["max"]
+    bmax = float(np.abs(x).max())
+    import torch  # noqa: PLC0415
+
+    s4 = np.float32(bmax) / (np.float32(4.0) * g) if bmax else np.float32(1.0)
+    b4 = int(torch.tensor(np.clip(s4, 2.0**-9, 448.0), dtype=torch.float32).to(torch.float8_e4m3fn)
+             .view(torch.uint8))
+    codes = sorted({int(np.clip(b6 + o, _E4M3_MIN_CODE, _E4M3_MAX_CODE)) for o in SEARCH_OFFSETS} | {b4, int(fouro6)})
+    rows = []
+    for code in codes:
+        q = encode_nvfp4_modelopt(x, np.array([[code]], np.uint8), g)
+        dec = dequantize_nvfp4_modelopt(q, np.array([[code]], np.uint8), g)[0]
+        rows.append({"code": code, "offset": code - b6, "scale": float(E4M3_VALUES[code] * g),
+                     "decoded": dec, "error": float(block_errors(x, np.array([code]), g, c)[0])})
+    return {"values": x[0], "g": float(g), "b6": b6, "b4": b4, "rows": rows, "best": best}

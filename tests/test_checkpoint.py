@@ -199,6 +199,10 @@ def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: 
     convert_checkpoint(src, a, show_progress=False)
     convert_checkpoint(dst, b, show_progress=False)
     assert diff_gguf(a, b) == []
+    # and with the experts quantized to NVFP4 by nexlab (--experts nvfp4): the same file from either layout
+    convert_checkpoint(src, a, experts="nvfp4", nvfp4_scales="search", show_progress=False)
+    convert_checkpoint(dst, b, experts="nvfp4", nvfp4_scales="search", show_progress=False)
+    assert diff_gguf(a, b) == []
 
 
 def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # noqa: F811
@@ -230,4 +234,8 @@ def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # no
     a, b = tmp_path / "per_expert.gguf", tmp_path / "fused.gguf"
     convert_checkpoint(src, a, show_progress=False)
     convert_checkpoint(dst, b, show_progress=False)
+    assert diff_gguf(a, b) == []
+    # and with the experts quantized to NVFP4 by nexlab (--experts nvfp4): the same file from either layout
+    convert_checkpoint(src, a, experts="nvfp4", nvfp4_scales="search", show_progress=False)
+    convert_checkpoint(dst, b, experts="nvfp4", nvfp4_scales="search", show_progress=False)
     assert diff_gguf(a, b) == []
