@@ -44,7 +44,7 @@ from nexlab.chat_template import original_template, resolve_chat_template
 from nexlab.checkpoint import Checkpoint, e4m3_bytes_nan_mask, validate_checkpoint
 from nexlab.fileio import atomic_output, disk_full_error, ensure_free_space
 from nexlab.formats import f32_to_bf16_bits
-from nexlab.gguf_layout import file_nbytes, make_writer
+from nexlab.gguf_layout import PlannedFile, file_nbytes, make_writer
 from nexlab.imatrix import imatrix_for_tensor, quantize_weights, read_imatrix
 from nexlab.nvfp4 import (dequantize_nvfp4_ggml, dequantize_nvfp4_modelopt, repack_modelopt_to_ggml,
                           unpack_nibbles_adjacent, unpack_nvfp4_ggml)
@@ -470,7 +470,7 @@ def _tokenizer_gguf_metadata(w, tok: dict, template: str | None) -> None:
 
 
 @dataclass
-class ConversionPlan:
+class ConversionPlan(PlannedFile):
     """Everything a conversion will write: the tensors (with producers) and the metadata writer.
 
     ``file_nbytes`` is the exact size of the file (:mod:`nexlab.gguf_layout`, the same writer set-up
@@ -481,14 +481,7 @@ class ConversionPlan:
     hparams: Q.HParams
     tensors: list[PlannedTensor]
     add_metadata: Callable[[Any], None] = field(repr=False)
-
-    @property
-    def file_nbytes(self) -> int:
-        return file_nbytes(make_writer(ARCH, self.add_metadata, self.tensors))
-
-    @property
-    def tensor_nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    arch = ARCH
 
 
 def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = "fixed", *,

@@ -67,3 +67,18 @@ def file_nbytes(writer) -> int:
     """Size of the file ``writer`` would write: :func:`header_nbytes` plus every tensor's data padded
     to the alignment."""
     return header_nbytes(writer) + sum(pad(ti.nbytes, writer.data_alignment) for ti in writer.tensors[0].values())
+
+
+class PlannedFile:
+    """Sizes of a planned GGUF (a dataclass with ``tensors`` of ``nbytes`` and ``add_metadata``, and the
+    class attribute ``arch``): ``file_nbytes`` is the exact file size from the writer's own set-up."""
+
+    arch: str
+
+    @property
+    def file_nbytes(self) -> int:
+        return file_nbytes(make_writer(self.arch, self.add_metadata, self.tensors))
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)

@@ -53,6 +53,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nexlab.gguf_layout import PlannedFile
+
 # ----------------------------------------------------------------------------- constants
 MMPROJ_ARCH = "clip"                  # gguf.MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]
 PROJECTOR_TYPE = "qwen3vl_merger"     # gguf.VisionProjectorType.QWEN3VL
@@ -451,23 +453,14 @@ def add_mmproj_metadata(w, config: dict, preproc: dict, dtype: str, *, name: str
 
 
 @dataclass
-class MmprojPlan:
+class MmprojPlan(PlannedFile):
     """Everything :func:`convert_mmproj` will write: tensors (with producers) and metadata;
     ``file_nbytes`` is the exact file size (:mod:`nexlab.gguf_layout`, the writer's own set-up)."""
 
     dtype: str
     tensors: list  # nexlab.convert.PlannedTensor
     add_metadata: Callable[[Any], None]
-
-    @property
-    def file_nbytes(self) -> int:
-        from nexlab.gguf_layout import file_nbytes, make_writer  # noqa: PLC0415
-
-        return file_nbytes(make_writer(MMPROJ_ARCH, self.add_metadata, self.tensors))
-
-    @property
-    def tensor_nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    arch = MMPROJ_ARCH
 
 
 def _encode(data, spec) -> np.ndarray:

@@ -50,7 +50,6 @@ bytes never depend on the kernel.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 

@@ -183,10 +183,20 @@ def _single_file_copy(src: Path, dst: Path, tensors: dict) -> Path:
     return dst
 
 
-def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: F811
-    """One model.safetensors with ``language_model.model.`` keys == the sharded original, byte for byte."""
+
+def _same_gguf(src, dst, a, b) -> None:
+    """Both checkpoints convert to the same GGUF: as they are, and with the experts quantized to NVFP4 by
+    nexlab (--experts nvfp4 --nvfp4-scales search)."""
     from nexlab.gguf_inspect import diff_gguf
 
+    for kw in ({}, {"experts": "nvfp4", "nvfp4_scales": "search"}):
+        convert_checkpoint(src, a, show_progress=False, **kw)
+        convert_checkpoint(dst, b, show_progress=False, **kw)
+        assert diff_gguf(a, b) == [], kw
+
+
+def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: F811
+    """One model.safetensors with ``language_model.model.`` keys == the sharded original, byte for byte."""
     src = tiny["bf16"]
     merged = {}
     for shard in sorted(src.glob("model-*.safetensors")):
@@ -196,21 +206,13 @@ def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: 
             merged[k] = v
     dst = _single_file_copy(src, tmp_path / "single", merged)
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    convert_checkpoint(src, a, show_progress=False)
-    convert_checkpoint(dst, b, show_progress=False)
-    assert diff_gguf(a, b) == []
-    # and with the experts quantized to NVFP4 by nexlab (--experts nvfp4): the same file from either layout
-    convert_checkpoint(src, a, experts="nvfp4", nvfp4_scales="search", show_progress=False)
-    convert_checkpoint(dst, b, experts="nvfp4", nvfp4_scales="search", show_progress=False)
-    assert diff_gguf(a, b) == []
+    _same_gguf(src, dst, a, b)
 
 
 def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # noqa: F811
     """transformers 5 stores BF16 experts fused (gate_up_proj [E, 2I, H], gate rows first; down_proj
     [E, H, I]); the GGUF must equal the one from the per-expert (ModelOpt export) layout."""
     import re
-
-    from nexlab.gguf_inspect import diff_gguf
 
     src = tiny["bf16"]
     tensors = {}
@@ -232,10 +234,4 @@ def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # no
         fused[f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(n)])
     dst = _single_file_copy(src, tmp_path / "fused", fused)
     a, b = tmp_path / "per_expert.gguf", tmp_path / "fused.gguf"
-    convert_checkpoint(src, a, show_progress=False)
-    convert_checkpoint(dst, b, show_progress=False)
-    assert diff_gguf(a, b) == []
-    # and with the experts quantized to NVFP4 by nexlab (--experts nvfp4): the same file from either layout
-    convert_checkpoint(src, a, experts="nvfp4", nvfp4_scales="search", show_progress=False)
-    convert_checkpoint(dst, b, experts="nvfp4", nvfp4_scales="search", show_progress=False)
-    assert diff_gguf(a, b) == []
+    _same_gguf(src, dst, a, b)
