@@ -135,3 +135,112 @@ def compare_formats(tensors: dict[str, np.ndarray]) -> dict[str, dict[str, dict[
             for fmt, (r, bpw) in recon.items()
         }
     return out
+
+
+def e2m1_staircase(x: Any, scale_byte: int = 0x38, weight_scale_2: float = 1.0) -> np.ndarray:
+    """``Q(x)``: every value of ``x`` quantized by ModelOpt's step 3 under one fixed block scale.
+
+    The scale is ``e4m3(scale_byte) * weight_scale_2`` for every block (0x38 is 1.0, so the
+    steps are the E2M1 grid itself); codes come from :func:`nexlab.nvfp4.encode_nvfp4_modelopt`
+    (round half to even, saturating at 6) and values from ``dequantize_nvfp4_modelopt``, so the
+    staircase chapter 01 draws is the quantizer nexlab proves against ModelOpt, not a copy.
+    ``x`` is 1-D; it is padded with zeros to a multiple of 16 and the padding dropped again.
+    """
+    v = formats.as_f32(x, name="x", finite=True).reshape(-1)
+    n = -(-v.size // formats.NVFP4_GROUP) * formats.NVFP4_GROUP
+    row = np.zeros((1, n), dtype=np.float32)
+    row[0, : v.size] = v
+    sb = np.full((1, n // formats.NVFP4_GROUP), scale_byte, dtype=np.uint8)
+    q = nvfp4.encode_nvfp4_modelopt(row, sb, np.float32(weight_scale_2), name="x")
+    return nvfp4.dequantize_nvfp4_modelopt(q, sb, np.float32(weight_scale_2))[0, : v.size]
+
+
+def e8m0_vs_e4m3(weight: Any, *, name: str | None = None) -> dict[str, Any]:
+    """The scales MXFP4 and NVFP4 pick for every block of one tensor ``weight [rows, in]`` (in % 32 == 0).
+
+    MXFP4 is ggml's quantizer (:func:`nexlab.nvfp4.quantize_mxfp4_ggml`): one E8M0 byte per 32
+    values, a power of two ``2**(floor(log2 amax) - 2)`` on the E2M1 grid (ggml stores half of it
+    against its doubled table; the product is the same). NVFP4 is ModelOpt's recipe
+    (:func:`nexlab.nvfp4.quantize_nvfp4_modelopt`): one E4M3 byte per 16 values times the tensor's
+    ``weight_scale_2``. Returns bytes, effective scales (what one E2M1 step of 1 is worth),
+    ``*_top = block amax / scale`` (where the block's largest value lands on the 0..6 grid: above 6
+    it is clipped), both reconstructions and the relative MSE of each 32-value block under each
+    format (``mx_err``, ``nv_err``, ``[rows, in/32]``).
+    """
+    x = formats.as_f32(weight, name=name, finite=True)
+    if x.ndim != 2 or x.shape[1] % formats.MXFP4_BLOCK:
+        raise ValueError(f"{name or 'weight'}: expected [rows, in] with in % 32 == 0, got shape {x.shape}")
+    mx = nvfp4.quantize_mxfp4_ggml(x, name=name).reshape(x.shape[0], -1, formats.GGML_MXFP4_BYTES)
+    mx_recon = nvfp4.dequantize_mxfp4_ggml(mx.reshape(x.shape[0], -1), name=name)
+    q, sb, ws2 = nvfp4.quantize_nvfp4_modelopt(x, name=name)
+    nv_recon = nvfp4.dequantize_nvfp4_modelopt(q, sb, ws2, name=name)
+    mx_scale = formats.e8m0_byte_to_f32(mx[..., 0])
+    nv_scale = formats.e4m3_bytes_to_f32(sb) * ws2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mx_top = np.abs(x).reshape(x.shape[0], -1, 32).max(axis=-1) / mx_scale
+        nv_top = np.abs(x).reshape(x.shape[0], -1, 16).max(axis=-1) / nv_scale
+
+    def block_err(r: np.ndarray) -> np.ndarray:
+        xb, rb = x.reshape(x.shape[0], -1, 32).astype(np.float64), r.reshape(x.shape[0], -1, 32)
+        return np.sum((rb - xb) ** 2, axis=-1) / np.maximum(np.sum(xb**2, axis=-1), 1e-30)
+
+    return {"mx_byte": mx[..., 0], "mx_scale": mx_scale, "mx_top": mx_top, "mx_recon": mx_recon,
+            "mx_err": block_err(mx_recon), "nv_byte": sb, "weight_scale_2": float(ws2), "nv_scale": nv_scale,
+            "nv_top": nv_top, "nv_recon": nv_recon, "nv_err": block_err(nv_recon)}
+
+
+def input_scale_in_llamacpp(src: str | Path) -> dict[str, Any]:
+    """Where llama.cpp's source tree ``src`` touches ModelOpt's ``input_scale`` (the activation scale).
+
+    Scans the library (``src/``) for lines naming an ``*_in_s`` member (the loaded
+    ``<name>.input_scale`` tensors; ``ssm_in_s`` is the *weight* scale of ``ssm_in`` and is left
+    out) or the string ``"input_scale"``, and every backend (``ggml/``) for ``input_scale``.
+    ``graph`` maps the graph builders (``src/llama-graph.*``, ``src/models/*``) to their matching
+    lines: a model that multiplied activations by the scale would show up here. ``other`` maps the
+    remaining files (loader, member declarations, saver) to theirs. ``ggml`` lists the files under
+    ``ggml/`` that mention ``input_scale``. ``nvfp4_vec_dot_type`` is the ``vec_dot_type`` of
+    ``[GGML_TYPE_NVFP4]`` in the CPU backend's type traits (``ggml/src/ggml-cpu/ggml-cpu.c``):
+    the type activations are quantized to before the NVFP4 dot product.
+    """
+    import re  # noqa: PLC0415
+
+    root = Path(src)
+    pat = re.compile(r"\b(?!ssm_in_s\b)\w+_in_s\b|\"input_scale\"")
+    graph: dict[str, list[str]] = {}
+    other: dict[str, list[str]] = {}
+    for f in sorted((root / "src").rglob("*")):
+        if f.suffix not in (".c", ".cpp", ".h", ".hpp") or not f.is_file():
+            continue
+        rel = f.relative_to(root)
+        hits = [ln.strip() for ln in f.read_text(encoding="utf-8", errors="replace").splitlines() if pat.search(ln)]
+        if hits:
+            is_graph = rel.parts[1] == "models" or rel.name.startswith("llama-graph.")
+            (graph if is_graph else other)[rel.as_posix()] = hits
+    exts = (".c", ".cpp", ".h", ".cu", ".cuh", ".m", ".metal", ".comp", ".cl", ".glsl", ".wgsl")
+    ggml = sorted(f.relative_to(root).as_posix() for f in (root / "ggml").rglob("*")
+                  if f.is_file() and f.suffix in exts and "input_scale" in f.read_text(encoding="utf-8", errors="replace"))
+    cpu = (root / "ggml" / "src" / "ggml-cpu" / "ggml-cpu.c").read_text(encoding="utf-8", errors="replace")
+    m = re.search(r"\[GGML_TYPE_NVFP4\]\s*=\s*\{[^}]*?\.vec_dot_type\s*=\s*(GGML_TYPE_\w+)", cpu)
+    return {"graph": graph, "other": other, "ggml": ggml, "nvfp4_vec_dot_type": m.group(1) if m else None}
+
+
+def expert_amaxes(artifacts_dir: str | Path) -> dict[str, float]:
+    """``amax(|W|)`` of every routed-expert projection of the tiny BF16 checkpoint
+    (``artifacts_dir/tiny/bf16``), one entry per expert and projection; empty when notebook 00
+    has not built it. Fused ``gate_up_proj [E, 2I, H]`` tensors are split into gate and up rows,
+    as ModelOpt quantizes them (each projection gets its own amax; gate and up then share
+    ``weight_scale_2``)."""
+    ckpt = Path(artifacts_dir) / "tiny" / "bf16"
+    out: dict[str, float] = {}
+    if not (ckpt / "config.json").is_file():
+        return out
+    with Checkpoint(ckpt) as ck:
+        for key in sorted(ck.entries):
+            if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                a = ck.load(key).float().abs()  # [E, out, in]
+                parts = {"gate": a[:, : a.shape[1] // 2], "up": a[:, a.shape[1] // 2:]} if "gate_up" in key else {"down": a}
+                for p, t in parts.items():
+                    out.update({f"{key}[{e}].{p}": float(v) for e, v in enumerate(t.amax(dim=(1, 2)).tolist())})
+            elif ".mlp.experts." in key and key.endswith("_proj.weight"):
+                out[key] = float(ck.load(key).float().abs().max())
+    return out
