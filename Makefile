@@ -37,8 +37,8 @@ test: tools
 	$(BIN)/python -m pytest -q -rs
 
 # JupyterLab + headless Chromium (Debian's chromium package, installed here when run as root) driven by
-# playwright (the `browser` extra; playwright's own browser downloads are never used): chapters 01 and 05
-# in smoke mode (NEXLAB_BROWSER_CHAPTERS=all: every chapter), under a minute on 2 cores.
+# playwright (the `browser` extra; playwright's own browser downloads are never used): every chapter
+# in smoke mode (NEXLAB_BROWSER_CHAPTERS=NN_a,NN_b: only those), about 2.5 minutes on 2 cores.
 BROWSER_STAMP := $(VENV)/.nexlab-browser-installed
 
 $(BROWSER_STAMP): $(STAMP)
