@@ -40,8 +40,8 @@ otherwise informed expert keep a floor of :data:`WEIGHT_FLOOR` times the mean so
 small error.
 
 Speed. The candidate errors of a chunk of blocks are one fused elementwise kernel: ``torch.compile``
-(inductor's C++ backend) when it works, else the same torch code eagerly (about 40x slower; a warning
-says so). The E2M1 rounding inside it is the arithmetic form of ModelOpt's round-half-to-even
+(inductor's C++ backend) when it works, else the same torch code eagerly (several times slower; a
+warning says so). The E2M1 rounding inside it is the arithmetic form of ModelOpt's round-half-to-even
 (``rint(a / step) * step`` with step 0.5 / 1 / 2 below 2 / 4 / above, clipped at 6); the chosen
 scales are then encoded by :func:`nexlab.nvfp4.encode_nvfp4_modelopt`, ModelOpt's own step, so the
 bytes never depend on the kernel.
@@ -66,7 +66,6 @@ __all__ = [
     "TENSOR_SCALE_DIVISORS",
     "FOUR_OVER_SIX_DIVISOR",
     "NVFP4Scaled",
-    "tensor_amax",
     "tensor_scale",
     "element_weights",
     "choose_block_scales",
@@ -118,15 +117,6 @@ def _check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown NVFP4 scale method {method!r}; choose one of {', '.join(METHODS)}")
     return method
-
-
-def tensor_amax(*weights: Any) -> np.float32:
-    """max |w| over all ``weights`` (float32), refusing an all-zero group (no tensor scale exists)."""
-    amax = np.float32(0)
-    for w in weights:
-        x = np.asarray(w, dtype=np.float32)
-        amax = max(amax, np.float32(max(x.max(initial=0), -x.min(initial=0))))
-    return amax
 
 
 # ----------------------------------------------------------------------------- importance
