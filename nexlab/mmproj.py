@@ -410,8 +410,17 @@ def preprocessor_config(ckpt_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+def source_is_nvfp4(ck) -> bool:
+    """Whether llama.cpp's converter treats the checkpoint as NVFP4 (``ModelBase``'s ``_is_nvfp4`` in
+    conversion/base.py: quant_algo ``NVFP4`` / ``W4A16_NVFP4`` in config.json's quantization_config or
+    hf_quant_config.json). It then stamps every file it writes from it, the mmproj included, with
+    ``general.file_type`` MOSTLY_NVFP4 (39), although the vision tower itself is F16/BF16/F32."""
+    return ((ck.quant or {}).get("quant_algo") or "") in ("NVFP4", "W4A16_NVFP4")
+
+
 def add_mmproj_metadata(w, config: dict, preproc: dict, dtype: str, *, name: str,
-                        license: str = "apache-2.0", quantized_by: str = "nexlab") -> None:
+                        license: str = "apache-2.0", quantized_by: str = "nexlab",
+                        nvfp4_source: bool = False) -> None:
     """The mmproj's key/values in the reference's order (``MmprojModel.set_gguf_parameters`` then
     ``Qwen3VLVisionModel``'s): file type, ``clip.has_vision_encoder``, projection dim (the text
     hidden size), image size (``sqrt(num_position_embeddings) * patch_size`` unless given), patch
@@ -428,6 +437,8 @@ def add_mmproj_metadata(w, config: dict, preproc: dict, dtype: str, *, name: str
     w.add_license(license)
     w.add_quantized_by(quantized_by)
     ftype = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16, "f32": g.LlamaFileType.ALL_F32}[dtype]
+    if nvfp4_source:  # the reference's prepare_metadata: a ModelOpt NVFP4 source makes every file MOSTLY_NVFP4
+        ftype = g.LlamaFileType.MOSTLY_NVFP4
     w.add_file_type(int(ftype))
     w.add_bool(K.Clip.HAS_VISION_ENCODER, True)
     w.add_uint32(K.ClipVision.PROJECTION_DIM, int(text["hidden_size"]))
@@ -501,8 +512,10 @@ def plan_mmproj(ck, dtype: str = "f16", *, name: str | None = None, license: str
 
     tensors = [PlannedTensor(t.spec, produce(t), (t.key,)) for t in specs]
     label = name or config.get("_name_or_path") or ck.path.name
+    nvfp4 = source_is_nvfp4(ck)
     return MmprojPlan(dtype, tensors, lambda w: add_mmproj_metadata(w, config, preproc, dtype, name=label,
-                                                                    license=license, quantized_by=quantized_by))
+                                                                    license=license, quantized_by=quantized_by,
+                                                                    nvfp4_source=nvfp4))
 
 
 def plan_mmproj_from_config(config: dict, dtype: str = "f16", preproc: dict | None = None, *,

@@ -203,3 +203,22 @@ def test_cli_convert_mmproj_and_inspect(vl, files, tmp_path, capsys):
     assert nexlab_main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "qwen3vl_merger" in text and "v.patch_embd.weight.1" in text
+
+
+def test_mmproj_of_a_modelopt_nvfp4_checkpoint_equals_llamacpp_converter(tmp_path):
+    """From a ModelOpt NVFP4 checkpoint (the published layout: ``nexlab synth tiny``), llama.cpp's converter
+    stamps the mmproj with general.file_type MOSTLY_NVFP4 although its tensors are F16; nexlab writes the
+    same file."""
+    from gguf import GGUFReader, LlamaFileType
+
+    from nexlab.gguf_inspect import diff_gguf
+    from nexlab.synth import write_synth
+
+    ckpt = tmp_path / "synth"
+    write_synth("tiny", ckpt, show_progress=False)
+    ours, ref = tmp_path / "nexlab.gguf", tmp_path / "llamacpp.gguf"
+    MP.convert_mmproj(ckpt, ours, "f16", show_progress=False)
+    run_reference_converter(ckpt, ref, mmproj="f16")
+    assert diff_gguf(ours, ref, skip_key_prefixes=DESCRIPTIVE) == []
+    ft = GGUFReader(ours).fields["general.file_type"].contents()
+    assert ft == LlamaFileType.MOSTLY_NVFP4
