@@ -16,6 +16,7 @@ import sys
 _SUBCOMMAND_MODULES = (
     "nexlab.workbook",      # nexlab workbook
     "nexlab.convert",       # nexlab convert
+    "nexlab.mmproj",        # nexlab convert --mmproj (after nexlab.convert)
     "nexlab.gguf_inspect",  # nexlab inspect
     "nexlab.imatrix",       # nexlab imatrix
     "nexlab.memory",        # nexlab memory

@@ -555,3 +555,17 @@ def period_table(cfg: dict) -> list[dict[str, Any]]:
                          "tensor": name, "shape": list(shape), "params": n, "role": role.get(name, "")})
     rows.sort(key=lambda r: {"linear attention (x3)": 0, "full attention (x1)": 1, "every layer": 2}[r["layer"]])
     return rows
+
+
+#: Qwen3.5 / Qwen3-VL image processor settings as the published preprocessor_config.json carries them
+#: (Qwen2VLImageProcessorFast): the mmproj stores image_mean / image_std (nexlab.mmproj), synthetic
+#: checkpoints carry the file (nexlab.synth)
+PREPROCESSOR_CONFIG = {
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "merge_size": 2,
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+}

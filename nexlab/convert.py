@@ -720,10 +720,6 @@ def write_vocab_gguf(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
 
 # ----------------------------------------------------------------------------- CLI
 def _cli(args: argparse.Namespace) -> int:
-    if getattr(args, "mmproj", None):  # the vision tower instead of the text model (nexlab.mmproj)
-        from nexlab.mmproj import cli_convert_mmproj  # noqa: PLC0415
-
-        return cli_convert_mmproj(args)
     if args.quiet:
         os.environ["NEXLAB_NO_PROGRESS"] = "1"
     r = convert_checkpoint(args.ckpt_dir, args.output, variant=args.variant, chat_template=args.chat_template,
@@ -757,11 +753,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--nvfp4-scales", default=None, choices=("max", "4over6", "search"),
                    help="NVFP4 scale rule with --experts nvfp4: max (ModelOpt's, default), 4over6, or search "
                         "(per-block E4M3 scale search, imatrix-weighted with --imatrix)")
-    p.add_argument("--mmproj", nargs="?", const="f16", default=None, choices=("f16", "bf16", "f32"),
-                   help="write the vision tower as llama.cpp's mmproj GGUF instead (default type f16), as "
-                        "convert_hf_to_gguf.py --mmproj does; for llama-mtmd-cli / llama-server --mmproj")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli)
+    p.set_defaults(func=_cli)  # nexlab.mmproj adds --mmproj to this parser (it builds on this module)
 
 
 # ----------------------------------------------------------------------------- notebook 02 helpers

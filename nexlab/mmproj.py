@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nexlab.config import PREPROCESSOR_CONFIG  # Qwen3.5's image processor settings (preprocessor_config.json)
 from nexlab.gguf_layout import PlannedFile
 
 # ----------------------------------------------------------------------------- constants
@@ -62,17 +63,6 @@ VISUAL_PREFIXES = ("model.visual.", "visual.")  # published Qwen3.5 checkpoints:
 DTYPES = ("f16", "bf16", "f32")       # --outtype of the reference converter (q8_0 is not offered)
 SEED_MMPROJ_MB = 903                  # mmproj-Nex-N2-mini-F16.gguf on the seed's model card (decimal MB)
 
-# Qwen3.5 / Qwen3-VL image processor settings as the published preprocessor_config.json carries
-# them (Qwen2VLImageProcessorFast); the converter reads image_mean and image_std.
-PREPROCESSOR_CONFIG = {
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-    "merge_size": 2,
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
-}
 
 
 def _gguf():
@@ -583,6 +573,19 @@ def cli_convert_mmproj(args) -> int:
     types = ", ".join(f"{k} {v}" for k, v in sorted(r.types.items()))
     print(f"wrote {r.path} (mmproj, {r.nbytes / 1e6:.1f} MB, {r.n_tensors} tensors: {types}) in {r.seconds:.1f} s")
     return 0
+
+
+def register_cli(subparsers) -> None:
+    """``nexlab convert ... --mmproj [f16|bf16|f32]``: an option of the ``convert`` command (registered
+    by :mod:`nexlab.convert`, which this module builds on) that writes the vision tower instead."""
+    p = subparsers.choices.get("convert")
+    if p is None:
+        return
+    p.add_argument("--mmproj", nargs="?", const="f16", default=None, choices=DTYPES,
+                   help="write the vision tower as llama.cpp's mmproj GGUF instead (default type f16), as "
+                        "convert_hf_to_gguf.py --mmproj does; for llama-mtmd-cli / llama-server --mmproj")
+    text = p.get_default("func")
+    p.set_defaults(func=lambda args: cli_convert_mmproj(args) if args.mmproj else text(args))
 
 
 # ----------------------------------------------------------------------------- images and embeddings

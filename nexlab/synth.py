@@ -353,7 +353,7 @@ def write_synth(config: str | dict, out_dir: str | os.PathLike, *, seed: int = 0
         _atomic_write_json(tmp / "config.json", full)
         _atomic_write_json(tmp / "hf_quant_config.json", hf_quant)
         if full.get("vision_config"):  # the image processor settings the mmproj stores (nexlab.mmproj)
-            from .mmproj import PREPROCESSOR_CONFIG  # noqa: PLC0415
+            from .config import PREPROCESSOR_CONFIG  # noqa: PLC0415
 
             _atomic_write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
         _copy_tokenizer(tok, tmp)

@@ -40,10 +40,17 @@ def _litter(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if fileio.TEMP_MARKER in p.name)
 
 
+def _sigint_default() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored (no
+    # KeyboardInterrupt): when the suite itself runs in the background (CI, nohup), the child would never
+    # see the Ctrl-C these tests send. Give it the terminal's default, as a user's shell does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_py(code: str, *args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, NEXLAB_NO_PROGRESS="1", PYTHONPATH=str(REPO_ROOT))
     return subprocess.Popen([PY, "-c", textwrap.dedent(code), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default, **kw)
 
 
 # a conversion slowed to 0.3 s per tensor written, so that it can be killed or interrupted mid-file
