@@ -438,9 +438,12 @@ def tokenizer_metadata(tok_dir: Path, vocab_size: int, config: dict, *,
             "add_bos": tc.get("add_bos_token"), "add_eos": tc.get("add_eos_token")}
 
 
-def _general_metadata(w, *, name: str, license: str, quantized_by: str, source_url: str | None) -> None:
+def _general_metadata(w, *, name: str, license: str, quantized_by: str, source_url: str | None,
+                      gguf_type: str | None = None) -> None:
+    """general.type (``model``, or ``gguf_type``: ``mmproj``), name, size label, license, quantized_by
+    and source URL, in the order llama.cpp's converter writes them."""
     g = _gguf()
-    w.add_type(g.GGUFType.MODEL)
+    w.add_type(gguf_type or g.GGUFType.MODEL)
     w.add_name(name)
     total, shared, expert, n_exp = w.get_total_parameter_count()
     w.add_size_label(g.size_label(total, shared, expert, n_exp))

@@ -298,6 +298,18 @@ def run_reference_converter(ckpt_dir: str | os.PathLike, out_path: str | os.Path
     return Path(out_path)
 
 
+def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a server-like child: SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Stop a child started by :func:`child_process` and everything it started: SIGINT to its process
     group (a nexlab child removes its temporary files, as on Ctrl-C), SIGKILL after ``grace`` seconds."""
@@ -655,13 +667,8 @@ def llama_server(model: str | os.PathLike, *args: str, n_ctx: int = 512, threads
             time.sleep(0.2)
         yield server
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            terminate(proc)
         log_path.unlink(missing_ok=True)
 
 

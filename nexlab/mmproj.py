@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nexlab.config import PREPROCESSOR_CONFIG  # Qwen3.5's image processor settings (preprocessor_config.json)
+from nexlab.config import PREPROCESSOR_CONFIG, tiny_config  # image processor settings; the tiny model
 from nexlab.gguf_layout import PlannedFile
 
 # ----------------------------------------------------------------------------- constants
@@ -72,25 +72,11 @@ def _gguf():
 
 
 # ----------------------------------------------------------------------------- the tiny vision-language model
-# A small Qwen3_5MoeVisionConfig with every structural feature of the real tower: several blocks,
-# multi-head attention with 2-D rotary (head dim 32), the 2x2 merger to the text hidden size (256,
-# the tiny text model's), a learned 8x8 position grid (image_size 128) that llama.cpp resizes.
-TINY_VL_VISION = {
-    "deepstack_visual_indexes": [],
-    "depth": 2,
-    "hidden_act": "gelu_pytorch_tanh",
-    "hidden_size": 128,
-    "in_channels": 3,
-    "initializer_range": 0.02,
-    "intermediate_size": 256,
-    "model_type": "qwen3_5_moe",
-    "num_heads": 4,
-    "num_position_embeddings": 64,
-    "out_hidden_size": 256,
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
+# A small Qwen3_5MoeVisionConfig with every structural feature of the real tower: the tiny model's own
+# vision config made deeper and wider: several blocks, multi-head attention with 2-D rotary (head dim
+# 32), the 2x2 merger to the text hidden size (256, the tiny text model's), a learned 8x8 position grid
+# (image_size 128) that llama.cpp resizes.
+TINY_VL_VISION = {**tiny_config()["vision_config"], "depth": 2, "hidden_size": 128, "intermediate_size": 256}
 TINY_VL_FORMAT = 1  # bump when the tiny VL checkpoint's recipe changes (part of its cache key)
 
 
@@ -416,16 +402,14 @@ def add_mmproj_metadata(w, config: dict, preproc: dict, dtype: str, *, name: str
     hidden size), image size (``sqrt(num_position_embeddings) * patch_size`` unless given), patch
     size, width, MLP width, blocks, heads, image mean/std, projector ``qwen3vl_merger``, GELU, merge
     size, the LayerNorm epsilon (the text config's rms_norm_eps, as the reference), deepstack flags."""
+    from nexlab.convert import _general_metadata  # noqa: PLC0415
+
     g = _gguf()
     K = g.Keys
     v = vision_config(config)
     text = {**config, **(config.get("text_config") or {})}
-    w.add_type(g.GGUFType.MMPROJ)
-    w.add_name(name)
-    total, shared, expert, n_exp = w.get_total_parameter_count()
-    w.add_size_label(g.size_label(total, shared, expert, n_exp))
-    w.add_license(license)
-    w.add_quantized_by(quantized_by)
+    _general_metadata(w, name=name, license=license, quantized_by=quantized_by, source_url=None,
+                      gguf_type=g.GGUFType.MMPROJ)
     ftype = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16, "f32": g.LlamaFileType.ALL_F32}[dtype]
     if nvfp4_source:  # the reference's prepare_metadata: a ModelOpt NVFP4 source makes every file MOSTLY_NVFP4
         ftype = g.LlamaFileType.MOSTLY_NVFP4

@@ -141,14 +141,24 @@ def element_weights(importance: Any | None, n_in: int, *, name: str | None = Non
 
 
 # ----------------------------------------------------------------------------- the candidate kernel
+def _map_to_code(bmax, g, top: float):
+    """E4M3 code (int32 torch) of the block scale that maps a block max ``bmax`` onto the E2M1 value
+    ``top`` (6: ModelOpt's max scaling, 4: Four Over Six's other choice) under tensor scale ``g``, as
+    ModelOpt computes it: the product ``top * g`` first, zero blocks -> 1.0, clamp to [2**-9, 448],
+    torch's RNE cast to float8_e4m3fn (the cast ModelOpt uses)."""
+    import torch  # noqa: PLC0415
+
+    s = torch.where(bmax == 0, 1.0, bmax / (g * top)).clamp(2.0**-9, 448.0)
+    return s.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+
+
 def _best_codes_eager(x, c, g, e4, offs):
     """For blocks ``x [R, B, 16]`` (float32 torch) under tensor scale ``g`` (0-d): the E4M3 code each
     block keeps and its (weighted) squared error, both ``[R, B]``.
 
     Candidates: ModelOpt's map-to-6 code ``b6`` plus ``offs`` (``offs[0] == 0``), and the map-to-4 code
-    ``b4``, each clamped to the positive E4M3 codes. ``b6`` / ``b4`` are ModelOpt's computation (the
-    product ``6 g`` / ``4 g`` first, zero blocks -> 1.0, clamp to [2**-9, 448], torch's RNE cast to
-    float8_e4m3fn, the cast ModelOpt uses). ``c [B, 16]``: per-element weights. The E2M1
+    ``b4``, each clamped to the positive E4M3 codes (:func:`_map_to_code`). ``c [B, 16]``: per-element
+    weights. The E2M1
     rounding is round-half-to-even written as ``rint(y / step) * step``, step 0.5 / 1 / 2 below 2 / 4
     / above, clipped at 6. argmin keeps the first of equal errors: ``b6``.
     """
@@ -156,10 +166,7 @@ def _best_codes_eager(x, c, g, e4, offs):
 
     a = x.abs()
     bmax = a.amax(-1)
-    s6 = torch.where(bmax == 0, 1.0, bmax / (g * 6.0)).clamp(2.0**-9, 448.0)
-    s4 = torch.where(bmax == 0, 1.0, bmax / (g * 4.0)).clamp(2.0**-9, 448.0)
-    b6 = s6.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
-    b4 = s4.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    b6, b4 = _map_to_code(bmax, g, 6.0), _map_to_code(bmax, g, 4.0)
     codes = torch.cat([b6[..., None] + offs, b4[..., None]], -1).clamp(_E4M3_MIN_CODE, _E4M3_MAX_CODE)
     s = e4[codes] * g
     y = a[..., None, :] / s[..., None]
@@ -249,8 +256,7 @@ def choose_block_scales(x: Any, g: Any, method: str = "search", importance: Any 
         for r in range(0, rows, step):
             xb = torch.from_numpy(np.ascontiguousarray(xs[e, r: r + step].reshape(-1, nb, NVFP4_GROUP)))
             if method == "max":
-                b6 = torch.where((m := xb.abs().amax(-1)) == 0, 1.0, m / (g_t * 6.0)).clamp(2.0**-9, 448.0)
-                codes[e, r: r + step] = b6.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+                codes[e, r: r + step] = _map_to_code(xb.abs().amax(-1), g_t, 6.0).numpy()
                 continue
             k, be = _best_codes(xb, c_t, g_t, method)
             codes[e, r: r + step] = k.numpy()
@@ -379,16 +385,12 @@ def explain_block(values: Any, g: Any, importance: Any | None = None) -> dict[st
     x = as_f32(values, name="block", finite=True).reshape(1, NVFP4_GROUP)
     g = np.float32(g)
     c = None if importance is None else np.asarray(importance, dtype=np.float32).reshape(1, NVFP4_GROUP)
-    best = {m: int(choose_block_scales(x, g, m, None if c is None else c[0])[0].reshape(-1)[0]) for m in METHODS}
-    fouro6 = choose_block_scales(x, g, "4over6")[0].reshape(-1)[0]
-    b6 = best["max"]
-    bmax = float(np.abs(x).max())
     import torch  # noqa: PLC0415
 
-    s4 = np.float32(bmax) / (np.float32(4.0) * g) if bmax else np.float32(1.0)
-    b4 = int(torch.tensor(np.clip(s4, 2.0**-9, 448.0), dtype=torch.float32).to(torch.float8_e4m3fn)
-             .view(torch.uint8))
-    codes = sorted({int(np.clip(b6 + o, _E4M3_MIN_CODE, _E4M3_MAX_CODE)) for o in SEARCH_OFFSETS} | {b4, int(fouro6)})
+    best = {m: int(choose_block_scales(x, g, m, None if c is None else c[0])[0].reshape(-1)[0]) for m in METHODS}
+    b6 = best["max"]
+    b4 = int(_map_to_code(torch.tensor(np.abs(x).max()), torch.tensor(g), 4.0))
+    codes = sorted({int(np.clip(b6 + o, _E4M3_MIN_CODE, _E4M3_MAX_CODE)) for o in SEARCH_OFFSETS} | {b4})
     rows = []
     for code in codes:
         q = encode_nvfp4_modelopt(x, np.array([[code]], np.uint8), g)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from nexlab import workbook
-from nexlab.llamacpp import free_port
+from nexlab.llamacpp import free_port, terminate
 
 pytestmark = pytest.mark.browser
 
@@ -91,12 +91,7 @@ def lab(tmp_path_factory):
             time.sleep(0.5)
         yield url, token, root
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, grace=20)
         log.close()
 
 
