@@ -42,16 +42,10 @@ def test_e2m1_all_16_codes_decode_like_ml_dtypes():
     assert np.array_equal(bits(F.e2m1_codes_to_f32(codes)), bits(ref))
 
 
-def test_e2m1_all_16_codes_decode_like_torch_float4_e2m1fn_x2():
-    # float4_e2m1fn_x2 packs two codes per byte, first element in the low nibble.
-    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    lo, hi = (packed & 0x0F).numpy(), (packed >> 4).numpy()
-    try:
-        ref = packed.view(torch.float4_e2m1fn_x2).to(torch.float32).numpy().reshape(256, 2)
-    except (RuntimeError, TypeError, NotImplementedError) as exc:  # torch 2.13: copy_kernel missing
-        pytest.skip(f"torch cannot convert float4_e2m1fn_x2 to float32: {exc}")
-    ours = np.stack([F.e2m1_codes_to_f32(lo), F.e2m1_codes_to_f32(hi)], axis=1)
-    assert np.array_equal(bits(ours), bits(ref))
+# torch's float4_e2m1fn_x2 is no reference here: torch 2.13 on CPU cannot convert it to float32 (no
+# copy kernel), so a test against it could only skip. The decoding is proven against ml_dtypes above, and
+# the two-codes-per-byte order (first code in the low nibble) against nvidia-modelopt's own packing in
+# tests/test_nvfp4.py (byte-identical quantizer and a real export).
 
 
 def _e2m1_probe_values() -> np.ndarray:
