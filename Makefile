@@ -8,9 +8,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nexlab-installed
+TEST_STAMP := $(VENV)/.nexlab-test-installed
 export NEXLAB_NO_PROGRESS ?= 0
 
-.PHONY: install tools workbook smoke test test-browser unit lab bench clean
+.PHONY: install tools workbook smoke test lint test-browser unit lab bench clean
 
 install: $(STAMP)
 
@@ -33,7 +34,17 @@ workbook: tools
 smoke: tools
 	$(BIN)/nexlab workbook --smoke
 
-test: tools
+# the `test` extra: pytest, scipy (an oracle), import-linter and ruff
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
+
+# the import-layer contract (pyproject.toml [tool.importlinter]) and ruff (package, tests, benchmarks, notebooks)
+lint: $(TEST_STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check nexlab tests benchmarks notebooks
+
+test: tools lint
 	$(BIN)/python -m pytest -q -rs
 
 # JupyterLab + headless Chromium (Debian's chromium package, installed here when run as root) driven by
@@ -41,8 +52,8 @@ test: tools
 # in smoke mode (NEXLAB_BROWSER_CHAPTERS=NN_a,NN_b: only those), about 2.5 minutes on 2 cores.
 BROWSER_STAMP := $(VENV)/.nexlab-browser-installed
 
-$(BROWSER_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[browser]"
+$(BROWSER_STAMP): $(TEST_STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,browser]"
 	touch $(BROWSER_STAMP)
 
 test-browser: tools $(BROWSER_STAMP)
@@ -52,7 +63,7 @@ test-browser: tools $(BROWSER_STAMP)
 	  else echo "make test-browser needs Chromium: apt-get install chromium (as root), or CHROMIUM=/path/to/chromium"; exit 1; fi; }
 	$(BIN)/python -m pytest -q -rs --browser tests/test_browser.py
 
-unit: tools
+unit: tools $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not notebook"
 
 lab: $(STAMP)

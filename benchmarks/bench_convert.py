@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from nexlab.llamacpp import REPO_ROOT, benchmark_conversion
+from nexlab.analysis.speed import benchmark_conversion
+from nexlab.llamacpp.source import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:

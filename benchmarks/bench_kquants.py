@@ -18,7 +18,7 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from nexlab.kquants import benchmark_vs_ggml  # noqa: E402
+from nexlab.analysis.speed import kquant_speed_vs_ggml  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    res = benchmark_vs_ggml(shape=(a.rows, a.cols), repeats=a.repeats, seed=a.seed)
+    res = kquant_speed_vs_ggml(shape=(a.rows, a.cols), repeats=a.repeats, seed=a.seed)
     print(f"tensor {a.rows} x {a.cols} float32, best of {a.repeats}, single thread")
     print(f"{'case':<14} {'nexlab ms':>10} {'ggml ms':>9} {'nexlab Me/s':>12} {'ggml Me/s':>10} {'time ratio':>10}  bytes")
     ok = True

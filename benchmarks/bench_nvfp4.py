@@ -10,7 +10,7 @@ the README: below 1 means nexlab is faster).
 
     python benchmarks/bench_nvfp4.py --rows 512 --cols 4096 --repeat 5 --json build/bench_nvfp4.json
 
-The measurement itself is ``nexlab.nvfp4.benchmark_vs_ggml`` (notebook 01 calls it too).
+The measurement itself is ``nexlab.analysis.speed.nvfp4_speed_vs_ggml`` (notebook 01 calls it too).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the result dict to this file")
     args = ap.parse_args(argv)
 
-    from nexlab.nvfp4 import benchmark_vs_ggml  # noqa: PLC0415
+    from nexlab.analysis.speed import nvfp4_speed_vs_ggml  # noqa: PLC0415
 
     try:
-        res = benchmark_vs_ggml(args.rows, args.cols, args.repeat, seed=args.seed)
+        res = nvfp4_speed_vs_ggml(args.rows, args.cols, args.repeat, seed=args.seed)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

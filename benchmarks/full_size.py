@@ -128,8 +128,8 @@ def tensor_data_sha256(path: Path) -> tuple[str, int]:
 def machine() -> dict:
     """The machine as nexlab.bench describes it for every benchmark record (CPU, cores, memory), with
     ``cores`` the logical CPUs, the kernel, the package versions and how llama.cpp was built."""
-    from nexlab.bench import device_info, llama_cpp_build  # noqa: PLC0415
-    from nexlab.results import versions  # noqa: PLC0415
+    from nexlab.analysis.bench import device_info, llama_cpp_build  # noqa: PLC0415
+    from nexlab.workbook.results import versions  # noqa: PLC0415
 
     dev = device_info()
     return {**dev, "cores": dev["logical_cpus"], "kernel": platform.release(), "versions": versions(),
@@ -181,7 +181,7 @@ print(json.dumps({{**IM.compare_imatrix(a, b), "unrouted_experts": {{str(k): v f
 
 
 def _hp(cfg: dict):
-    from nexlab import qwen35moe as Q  # noqa: PLC0415
+    from nexlab.model import hparams as Q  # noqa: PLC0415
 
     return Q.hparams_from_hf_config(cfg)
 
@@ -202,11 +202,13 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
 
-    from nexlab import memory  # noqa: PLC0415
-    from nexlab.convert import predict_file_size  # noqa: PLC0415
-    from nexlab.llamacpp import reference_command, tool_path  # noqa: PLC0415
-    from nexlab.models import default_artifacts_dir, ensure_text_and_tokenizer  # noqa: PLC0415
-    from nexlab.synth import DISK_MARGIN, synth_config, synth_nbytes  # noqa: PLC0415
+    from nexlab.analysis import memory  # noqa: PLC0415
+    from nexlab.artifacts.checkpoints import default_artifacts_dir
+    from nexlab.artifacts.synth import DISK_MARGIN, synth_config, synth_nbytes  # noqa: PLC0415
+    from nexlab.artifacts.tiny import ensure_text_and_tokenizer  # noqa: PLC0415
+    from nexlab.convert.text import predict_file_size  # noqa: PLC0415
+    from nexlab.llamacpp.build import tool_path
+    from nexlab.llamacpp.source import reference_command  # noqa: PLC0415
 
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
 
     def save() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        from nexlab.fileio import atomic_write_text  # noqa: PLC0415
+        from nexlab.core.fileio import atomic_write_text  # noqa: PLC0415
         atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")
 
     try:

@@ -28,11 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_size import ROOT, log, machine  # noqa: E402
 
-from nexlab.config import real_config  # noqa: E402
-from nexlab.gguf_inspect import diff_gguf  # noqa: E402
-from nexlab.llamacpp import run_reference_converter  # noqa: E402
-from nexlab.mmproj import convert_mmproj, explain_seed_size, mmproj_file_nbytes  # noqa: E402
-from nexlab.synth import write_synth  # noqa: E402
+from nexlab.artifacts.synth import write_synth  # noqa: E402
+from nexlab.chapters.ch03 import explain_seed_size
+from nexlab.convert.mmproj import convert_mmproj, mmproj_file_nbytes  # noqa: E402
+from nexlab.ggufio.inspector import diff_gguf  # noqa: E402
+from nexlab.llamacpp.source import run_reference_converter  # noqa: E402
+from nexlab.model.config import real_config  # noqa: E402
 
 DESCRIPTIVE = ("general.name", "general.license", "general.quantized_by")
 TEXT_LAYERS = 4

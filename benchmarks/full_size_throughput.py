@@ -38,13 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
 
-    from nexlab import bench  # noqa: PLC0415
-    from nexlab import roofline as RL  # noqa: PLC0415
-    from nexlab.fileio import atomic_write_text  # noqa: PLC0415
-    from nexlab.memory import estimate  # noqa: PLC0415
-    from nexlab.synth import DISK_MARGIN, synth_config, synth_nbytes  # noqa: PLC0415
+    from nexlab.analysis import bench
+    from nexlab.analysis import roofline as RL  # noqa: PLC0415
+    from nexlab.analysis.memory import estimate  # noqa: PLC0415
+    from nexlab.artifacts.synth import DISK_MARGIN, synth_config, synth_nbytes  # noqa: PLC0415
+    from nexlab.core import text  # noqa: PLC0415
+    from nexlab.core.fileio import atomic_write_text  # noqa: PLC0415
 
-    parallel = bench.parse_int_list(a.parallel, "--parallel")
+    parallel = text.parse_int_list(a.parallel, "--parallel")
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
     ck_bytes = synth_nbytes(synth_config("nex-n2-mini"))

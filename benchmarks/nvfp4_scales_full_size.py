@@ -33,11 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_size import ROOT, log, machine  # noqa: E402
 
-from nexlab.checkpoint import Checkpoint  # noqa: E402
-from nexlab.nvfp4 import dequantize_nvfp4_modelopt  # noqa: E402
-from nexlab.progress import progress  # noqa: E402
-from nexlab.scales import METHODS, quantize_nvfp4_group  # noqa: E402
-from nexlab.synth import write_synth  # noqa: E402
+from nexlab.artifacts.synth import write_synth  # noqa: E402
+from nexlab.core.progress import progress  # noqa: E402
+from nexlab.formats.nvfp4 import dequantize_nvfp4_modelopt  # noqa: E402
+from nexlab.formats.scales import METHODS, quantize_nvfp4_group  # noqa: E402
+from nexlab.model.checkpoint import Checkpoint  # noqa: E402
 
 
 def _dequant(ck: Checkpoint, module: str) -> np.ndarray:

@@ -1,22 +1,25 @@
 """nexlab: a research workbook for NVFP4 quantization of mixture-of-experts models for llama.cpp.
 
-One module per stage of the pipeline (see notebooks/README.md for the chapters):
+Layered sub-packages, lowest first; each imports only those below it (import-linter checks it, see
+pyproject.toml [tool.importlinter] and CONTRIBUTING.md; notebooks/README.md lists the chapters):
 
-- formats / nvfp4: E2M1, E4M3, UE4M3, E8M0 codecs; NVFP4 (ModelOpt and ggml layouts), MXFP4, INT4
-- ggml_ref: ctypes access to libggml's C quantizers (the bit-exact oracle)
-- config / models: Nex-N2-mini, tiny and slice configurations; tokenizer, training, ModelOpt checkpoints
-- qwen35moe: the one model of the architecture (hyper-parameters, GGUF names, HF -> GGUF transforms,
-  metadata, the tensor plan of every variant); vision: the mmproj's tensor plan
-- checkpoint / convert / chat_template / gguf_inspect / gguf_layout: ModelOpt checkpoint -> qwen35moe GGUF
-- kquants / imatrix / quantize: Q8_0, Q4_K, Q5_K, Q6_K, importance matrices, llama-quantize's type mixes
-- memory: weights, KV-cache and recurrent-state sizing; mmproj: the vision tower's GGUF
-- scales: NVFP4 scale rules (ModelOpt's max, Four Over Six, nexlab's search) for BF16 experts
-- bench / roofline: llama.cpp's benchmarks and the bytes-and-flops model that explains them
-- anatomy / params / gguf_check / synth: file anatomy for the chapters, parameter checks, GGUF
-  validation, full-size synthetic checkpoints
-- llamacpp: llama.cpp itself (its converter as the reference, its tools, the model wrapper, the
-  allocation probe); reference / quality: llama.cpp against transformers
-- results / progress / workbook / cli: notebook plumbing and the `nexlab` command
+1. core: the one bad-input error (NexlabError), atomic file writes, progress bars, text helpers
+2. formats: numpy codecs: minifloats, NVFP4, MXFP4 / INT4, Q8_0 and K-quants, NVFP4 scale rules, the type registry
+3. ggufio: GGUF I/O: layout and sizes, header checks, the streaming writer, metadata, anatomy, inspect, imatrix files
+4. model: qwen35moe: configs, hyper-parameters, names / transforms / tensor plan, type mixes, mmproj plan, checkpoints
+5. convert: checkpoint -> GGUF: the text model (``nexlab convert``) and the vision tower's mmproj
+6. llamacpp: llama.cpp itself: source tree and reference converter, tools, llama-server, runtime, libggml's oracle
+7. analysis: memory, roofline, benchmarks, quality, llama.cpp vs transformers, imatrix collection, vision, speed
+8. artifacts: the workbook's models: tiny, its ModelOpt checkpoints, slice, tiny VL, training, corpus, synthetic
+9. chapters (chNN.py: one notebook's helpers) and workbook (parameters, results, the papermill runner)
+10. cli: the ``nexlab`` command
+
+Why the cuts are there: the lowest layers (core, then formats) are plain helpers and pure numpy codecs,
+each codec testable bit for bit against libggml, ModelOpt, gguf-py or ml_dtypes without a model or a file. GGUF I/O knows no model, so any
+architecture can use it. The model layer knows qwen35moe but no llama.cpp. llama.cpp's tools sit
+above the converter, which never needs them: llama.cpp only checks what nexlab wrote. Analysis uses
+llama.cpp (and transformers) as the engine it measures with. Artifacts build the workbook's models
+and may use any layer below. Chapters and the workbook sit on top, the ``nexlab`` command above them.
 """
 
 __version__ = "0.1.0"

@@ -1,45 +1,46 @@
-"""The ``nexlab`` command.
+"""The ``nexlab`` command: one subcommand per stage, each registered by the module that runs it.
 
-Subcommands live next to the code they drive: each module listed in
-``_SUBCOMMAND_MODULES`` defines ``register_cli(subparsers)``, which adds its
-parser(s) and sets ``func`` (called with the parsed ``argparse.Namespace``,
-returning an exit code). A module that is missing or fails to import is skipped,
-so one broken stage never hides the others.
+Each module below defines ``register_cli(subparsers)``, which adds its parser(s) and sets ``func``
+(called with the parsed ``argparse.Namespace``, returning an exit code). The imports are explicit, so
+a broken module fails the command loudly instead of silently losing its subcommand.
+
+Errors: a :class:`nexlab.core.errors.NexlabError` (bad input: it names the parameter, file or tensor)
+or an OSError (a missing file, a full disk) is printed as one line and exits 1; Ctrl-C exits 130 after
+child processes are stopped and temporary files removed; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-_SUBCOMMAND_MODULES = (
-    "nexlab.workbook",      # nexlab workbook
-    "nexlab.convert",       # nexlab convert
-    "nexlab.mmproj",        # nexlab convert --mmproj (after nexlab.convert)
-    "nexlab.gguf_inspect",  # nexlab inspect
-    "nexlab.imatrix",       # nexlab imatrix
-    "nexlab.memory",        # nexlab memory
-    "nexlab.llamacpp",      # nexlab setup
-    "nexlab.synth",         # nexlab synth
-    "nexlab.bench",         # nexlab bench, stock, bandwidth
-    "nexlab.roofline",      # nexlab roofline
+from nexlab.analysis import bench, imatrix, memory, roofline
+from nexlab.artifacts import synth
+from nexlab.convert import text
+from nexlab.core.errors import NexlabError
+from nexlab.ggufio import inspector
+from nexlab.llamacpp import build
+from nexlab.workbook import runner
+
+_SUBCOMMANDS = (
+    runner,     # nexlab workbook
+    text,       # nexlab convert (text model, or the vision tower with --mmproj)
+    inspector,  # nexlab inspect
+    imatrix,    # nexlab imatrix
+    memory,     # nexlab memory
+    build,      # nexlab setup
+    synth,      # nexlab synth
+    bench,      # nexlab bench, stock, bandwidth
+    roofline,   # nexlab roofline
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexlab", description="NVFP4 mixture-of-experts workbook for llama.cpp")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            if exc.name != name:  # the module exists but one of its imports failed: say so
-                print(f"nexlab: warning: {name} unavailable ({exc})", file=sys.stderr)
-            continue
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+    for module in _SUBCOMMANDS:
+        module.register_cli(sub)
     return parser
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:  # one line, no traceback
+    except (NexlabError, OSError) as exc:  # bad input or the environment: one line, no traceback
         print(f"nexlab {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: child processes are stopped and temporary files removed on the way out

@@ -10,20 +10,20 @@ from gguf import GGUFReader
 from gguf import quants as GQ
 from gguf.constants import GGMLQuantizationType
 
-from nexlab import anatomy as A
-from nexlab import ggml_ref, kquants
-from nexlab import imatrix as IM
-
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401
+from nexlab.chapters import ch04 as A
+from nexlab.formats import kquants
+from nexlab.ggufio import imatrix_file as IM
+from nexlab.ggufio import regions
+from nexlab.llamacpp import libggml as ggml_ref
 
 
 @pytest.fixture(scope="module")
-def nvfp4_file(nexlab_gguf):  # noqa: F811
+def nvfp4_file(nexlab_gguf):
     return nexlab_gguf("nvfp4")
 
 
 def test_every_region_offset_equals_gguf_readers(nvfp4_file):
-    lay = A.gguf_regions(nvfp4_file)
+    lay = regions.gguf_regions(nvfp4_file)
     r = GGUFReader(str(nvfp4_file))
     kv = {x.detail["key"]: x.start for x in lay["regions"] if x.kind == "kv"}
     fields = {k: f.offset for k, f in r.fields.items() if not k.startswith("GGUF.")}
@@ -37,7 +37,7 @@ def test_every_region_offset_equals_gguf_readers(nvfp4_file):
 
 
 def test_regions_cover_the_file_and_padding_is_zero(nvfp4_file):
-    lay = A.gguf_regions(nvfp4_file)
+    lay = regions.gguf_regions(nvfp4_file)
     regs = lay["regions"]
     assert regs[0].start == 0 and regs[-1].end == lay["file_bytes"] == nvfp4_file.stat().st_size
     assert all(a.end == b.start for a, b in zip(regs, regs[1:]))
@@ -48,20 +48,20 @@ def test_regions_cover_the_file_and_padding_is_zero(nvfp4_file):
 
 
 def test_tensor_location_points_at_the_tensor_bytes(nvfp4_file):
-    lay = A.gguf_regions(nvfp4_file)
+    lay = regions.gguf_regions(nvfp4_file)
     r = GGUFReader(str(nvfp4_file))
     t = next(t for t in r.tensors if t.name.endswith("ffn_gate_exps.weight"))
-    loc = A.tensor_location(lay, t.name)
+    loc = regions.tensor_location(lay, t.name)
     raw = nvfp4_file.read_bytes()
     assert raw[loc["start"]:loc["end"]] == np.asarray(t.data).tobytes()
     assert loc["ggml_type"] == GGMLQuantizationType.NVFP4
     with pytest.raises(KeyError, match="no tensor named"):
-        A.tensor_location(lay, "nope.weight")
+        regions.tensor_location(lay, "nope.weight")
 
 
 def test_hexdump_starts_with_the_magic_and_names_the_fields(nvfp4_file):
-    lay = A.gguf_regions(nvfp4_file)
-    text = A.hexdump(nvfp4_file, 0, 32, lay["regions"])
+    lay = regions.gguf_regions(nvfp4_file)
+    text = regions.hexdump(nvfp4_file, 0, 32, lay["regions"])
     first = text.splitlines()[0]
     assert first.startswith("00000000  47 47 55 46 03 00 00 00") and "|GGUF" in first
     assert "magic 'GGUF'" in first and "tensor count" in first
@@ -71,7 +71,7 @@ def test_not_a_gguf_is_named(tmp_path):
     p = tmp_path / "x.gguf"
     p.write_bytes(b"GGML" + bytes(40))
     with pytest.raises(ValueError, match="not a GGUF file"):
-        A.gguf_regions(p)
+        regions.gguf_regions(p)
 
 
 @pytest.mark.parametrize("with_imatrix", [False, True])
@@ -113,10 +113,10 @@ def test_weighted_error_definition():
     assert A.weighted_error(x, y, np.array([2.0, 1.0])) == pytest.approx((0.02 + 0.04) / (2 + 4 + 18 + 16))
 
 
-def test_imatrix_gain_matches_the_file_nexlab_writes(tiny, nvfp4_file, tmp_path):  # noqa: F811
+def test_imatrix_gain_matches_the_file_nexlab_writes(tiny, nvfp4_file, tmp_path):
     """The with-imatrix error of each tensor equals the error of that tensor in nexlab's
     NVFP4-Q4_K_M file written with the same imatrix (byte-equal to llama-quantize)."""
-    from nexlab.convert import convert_checkpoint
+    from nexlab.convert.text import convert_checkpoint
 
     r = GGUFReader(str(nvfp4_file))
     rng = np.random.default_rng(1)

@@ -15,16 +15,16 @@ import json
 import math
 import subprocess
 
+import gguf
 import numpy as np
 import pytest
 
-import gguf
 import nexlab
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
-from nexlab import bench as B
-from nexlab import quantize as QZ
+from nexlab.analysis import bench as B
 from nexlab.cli import main
-from nexlab.llamacpp import tool_path
+from nexlab.core import text as core_text
+from nexlab.llamacpp.build import tool_path
+from nexlab.model import mixes as QZ
 
 PP, TG, REPS, PARALLEL = 32, 8, 2, (1, 2)
 COMMON = ("tool", "variant", "file", "file_bytes", "expert_types", "threads", "device", "llama_cpp",
@@ -32,13 +32,13 @@ COMMON = ("tool", "variant", "file", "file_bytes", "expert_types", "threads", "d
 
 
 @pytest.fixture(scope="module")
-def records(nexlab_gguf):  # noqa: F811
+def records(nexlab_gguf):
     return B.run_bench([nexlab_gguf("nvfp4")], pp=PP, tg=TG, reps=REPS, parallel=PARALLEL, npl_pp=PP, npl_tg=TG,
                        threads=1, labels=["tiny NVFP4-BF16"], show_progress=False)
 
 
 @pytest.fixture(scope="module")
-def stock(nexlab_gguf, tmp_path_factory):  # noqa: F811
+def stock(nexlab_gguf, tmp_path_factory):
     return B.make_stock_q4_k_m(nexlab_gguf("nvfp4"), tmp_path_factory.mktemp("stock") / "stock-Q4_K_M.gguf",
                                threads=2, show_progress=False)
 
@@ -52,7 +52,7 @@ def _within_print_rounding(printed_rate: float, tokens: int, printed_seconds: fl
 
 
 # ----------------------------------------------------------------------------- llama-bench records
-def test_llama_bench_records_are_the_tests_asked(records, nexlab_gguf):  # noqa: F811
+def test_llama_bench_records_are_the_tests_asked(records, nexlab_gguf):
     lb = [r for r in records if r["tool"] == "llama-bench"]
     assert [(r["test"], r["n_prompt"], r["n_gen"]) for r in lb] == [(f"pp{PP}", PP, 0), (f"tg{TG}", 0, TG)]
     path = nexlab_gguf("nvfp4")
@@ -111,7 +111,7 @@ def _losing_rows(monkeypatch, lost_runs: int):
     return npls
 
 
-def test_batched_bench_reruns_only_the_stream_counts_whose_rows_were_lost(nexlab_gguf, monkeypatch):  # noqa: F811
+def test_batched_bench_reruns_only_the_stream_counts_whose_rows_were_lost(nexlab_gguf, monkeypatch):
     npls = _losing_rows(monkeypatch, 1)
     recs = B.batched_bench(nexlab_gguf("nvfp4"), parallel=(1, 2, 4), npl_pp=8, npl_tg=2, threads=1)
     assert npls == ["1,2,4", "4"]
@@ -119,14 +119,14 @@ def test_batched_bench_reruns_only_the_stream_counts_whose_rows_were_lost(nexlab
     assert all("-npl 1,2,4 " in r["command"] and r["n_kv"] == r["pl"] * 10 for r in recs)
 
 
-def test_batched_bench_context_holds_the_warm_up(nexlab_gguf):  # noqa: F811
+def test_batched_bench_context_holds_the_warm_up(nexlab_gguf):
     """One stream of 4 + 2 tokens needs 6 cells, but batched-bench's 16-token warm-up must fit too."""
     assert B.batched_ctx((1,), 4, 2) == B.BATCHED_WARMUP_TOKENS == 16 and B.batched_ctx((2,), 8, 2) == 20
     (r,) = B.batched_bench(nexlab_gguf("nvfp4"), parallel=(1,), npl_pp=4, npl_tg=2, threads=1)
     assert (r["pl"], r["n_kv"], r["ctx"]) == (1, 6, 16)
 
 
-def test_batched_bench_row_lost_in_every_run_is_an_error(nexlab_gguf, monkeypatch):  # noqa: F811
+def test_batched_bench_row_lost_in_every_run_is_an_error(nexlab_gguf, monkeypatch):
     npls = _losing_rows(monkeypatch, B.BATCHED_ATTEMPTS)
     with pytest.raises(RuntimeError, match=r"no row for 1 streams .* in 3 runs"):
         B.batched_bench(nexlab_gguf("nvfp4"), parallel=(1,), npl_pp=8, npl_tg=2, threads=1)
@@ -150,7 +150,7 @@ def test_records_round_trip_through_json(records):
     assert len(rows) == len(records)
 
 
-def test_each_thread_count_gets_its_own_run(nexlab_gguf):  # noqa: F811
+def test_each_thread_count_gets_its_own_run(nexlab_gguf):
     recs = B.run_bench(nexlab_gguf("nvfp4"), pp=8, tg=2, reps=1, parallel=None, threads="1,2", show_progress=False)
     assert [(r["threads"], r["n_threads"], r["test"]) for r in recs] == [
         (1, 1, "pp8"), (1, 1, "tg2"), (2, 2, "pp8"), (2, 2, "tg2")]
@@ -158,7 +158,7 @@ def test_each_thread_count_gets_its_own_run(nexlab_gguf):  # noqa: F811
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_json_output_round_trips(nexlab_gguf, tmp_path, capsys):  # noqa: F811
+def test_cli_json_output_round_trips(nexlab_gguf, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", str(nexlab_gguf("nvfp4")), "--pp", "16", "--tg", "4", "--reps", "1", "--parallel", "1,2",
                "--npl-pp", "16", "--npl-tg", "4", "-t", "1", "--json", "-o", str(out), "-q"])
@@ -171,7 +171,7 @@ def test_cli_json_output_round_trips(nexlab_gguf, tmp_path, capsys):  # noqa: F8
     assert {r["variant"] for r in printed} == {"NVFP4"}
 
 
-def test_cli_prints_tables(nexlab_gguf, capsys):  # noqa: F811
+def test_cli_prints_tables(nexlab_gguf, capsys):
     assert main(["bench", str(nexlab_gguf("nvfp4")), "--pp", "8", "--tg", "2", "--reps", "1", "--no-batched",
                  "-t", "1", "--label", "tiny", "-q"]) == 0
     out = capsys.readouterr().out
@@ -190,14 +190,14 @@ def test_cli_prints_tables(nexlab_gguf, capsys):  # noqa: F811
     (["--pp", "0", "--tg", "0"], ["--pp", "--tg"]),
     (["--label", "a", "--label", "b"], ["2 labels for 1 files"]),
 ])
-def test_cli_bad_parameters_give_one_line_errors(nexlab_gguf, capsys, args, words):  # noqa: F811
+def test_cli_bad_parameters_give_one_line_errors(nexlab_gguf, capsys, args, words):
     assert main(["bench", str(nexlab_gguf("nvfp4")), *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("nexlab bench: error:") and "\n" not in err
     assert all(w in err for w in words), err
 
 
-def test_cli_missing_and_truncated_files_are_named(nexlab_gguf, tmp_path, capsys):  # noqa: F811
+def test_cli_missing_and_truncated_files_are_named(nexlab_gguf, tmp_path, capsys):
     missing = tmp_path / "missing.gguf"
     assert main(["bench", str(missing)]) == 1
     err = capsys.readouterr().err.strip()
@@ -214,7 +214,7 @@ def test_cli_missing_and_truncated_files_are_named(nexlab_gguf, tmp_path, capsys
     assert "\n" not in err and str(text) in err and "not a GGUF file" in err
 
 
-def test_a_file_llama_cpp_cannot_run_is_a_one_line_runtime_error(nexlab_gguf, tmp_path):  # noqa: F811
+def test_a_file_llama_cpp_cannot_run_is_a_one_line_runtime_error(nexlab_gguf, tmp_path):
     """A GGUF gguf-py reads but llama.cpp refuses (no tensors, no architecture): the tool's own error."""
     p = tmp_path / "empty.gguf"
     w = gguf.GGUFWriter(p, arch="qwen35moe")
@@ -228,12 +228,12 @@ def test_a_file_llama_cpp_cannot_run_is_a_one_line_runtime_error(nexlab_gguf, tm
 
 
 def test_parse_int_list():
-    assert B.parse_int_list("1, 4,8,4", "--parallel") == (1, 4, 8)
-    assert B.parse_int_list([2, np.int64(3)], "--threads") == (2, 3)
-    assert B.parse_int_list(5, "--threads") == (5,)
+    assert core_text.parse_int_list("1, 4,8,4", "--parallel") == (1, 4, 8)
+    assert core_text.parse_int_list([2, np.int64(3)], "--threads") == (2, 3)
+    assert core_text.parse_int_list(5, "--threads") == (5,)
     for bad in ("", "1,", "x", "1.5", [0], [], [True], [1.0]):
         with pytest.raises(ValueError, match="--parallel"):
-            B.parse_int_list(bad, "--parallel")
+            core_text.parse_int_list(bad, "--parallel")
 
 
 @pytest.mark.parametrize("name, label", [("Nex-N2-mini-NVFP4-BF16.gguf", "NVFP4-BF16"), ("x-nvfp4_q8_0.gguf", "NVFP4-Q8_0"),
@@ -256,7 +256,7 @@ def test_measure_bandwidth_reports_copy_and_read_write_rates():
 
 
 # ----------------------------------------------------------------------------- stock Q4_K_M
-def test_stock_has_k_quant_experts_of_llama_quantizes_mix(stock, nexlab_gguf):  # noqa: F811
+def test_stock_has_k_quant_experts_of_llama_quantizes_mix(stock, nexlab_gguf):
     src = gguf.GGUFReader(nexlab_gguf("nvfp4"))
     out = {t.name: t.tensor_type.name for t in gguf.GGUFReader(stock["path"]).tensors}
     assert stock["expert_types"] == {k: v for k, v in out.items() if k.endswith("_exps.weight")}
@@ -269,7 +269,7 @@ def test_stock_has_k_quant_experts_of_llama_quantizes_mix(stock, nexlab_gguf):  
     n_expert = int(src.fields["qwen35moe.expert_count"].contents())
     plans = QZ.plan_types([(t.name, tuple(int(x) for x in reversed(t.shape)), t.tensor_type.name) for t in src.tensors],
                           "q4_k_m", n_layer, n_expert=n_expert, keep_nvfp4=False)
-    assert {p.name: p.target_type for p in plans} == out
+    assert {p.name: p.ggml_type for p in plans} == out
 
 
 def test_stock_loads_and_runs_in_llama_cpp(stock):
@@ -292,7 +292,7 @@ def test_cli_stock_and_bandwidth(stock, tmp_path, capsys):
     assert "--gib" in capsys.readouterr().err
 
 
-def test_stock_equals_q4_k_m_of_bf16_experts_holding_the_nvfp4_values(stock, nexlab_gguf, tmp_path):  # noqa: F811
+def test_stock_equals_q4_k_m_of_bf16_experts_holding_the_nvfp4_values(stock, nexlab_gguf, tmp_path):
     """Requantizing NVFP4 experts = quantizing BF16 experts whose values are the NVFP4 ones.
 
     llama-quantize to BF16 first: the BF16 experts equal gguf-py's dequantization of the NVFP4 ones

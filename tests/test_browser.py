@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from nexlab import workbook
-from nexlab.llamacpp import free_port, terminate
+from nexlab.llamacpp.process import free_port, terminate
+from nexlab.workbook import runner as workbook
 
 pytestmark = pytest.mark.browser
 

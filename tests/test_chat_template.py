@@ -4,12 +4,12 @@ where llama.cpp's own parser (llama-server) puts the generated text."""
 from __future__ import annotations
 
 import pytest
-from conftest_convert import tiny  # noqa: F401  (fixture)
 from jinja2.exceptions import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from nexlab import chat_template as ct
-from nexlab.convert import convert_checkpoint
+from nexlab.convert.text import convert_checkpoint
+from nexlab.llamacpp import server, source
+from nexlab.model import chat_template as ct
 
 CONV = [
     {"role": "system", "content": "You are terse."},
@@ -33,7 +33,7 @@ def test_fixed_template_generation_prompt_matches_history_thinking_marker():
 
 
 def test_seed_template_sends_whole_chain_of_thought_to_content():
-    r = ct.check_template(ct.seed_template())
+    r = ct.check_template(source.seed_template())
     assert r["prompt"].endswith("<|im_start|>assistant\n<think>")
     assert r["prompt_is_prefix"]          # the model still continues it ...
     assert not r["forced_open"]           # ... but the parser sees no forced-open block
@@ -43,15 +43,15 @@ def test_seed_template_sends_whole_chain_of_thought_to_content():
 
 
 def test_seed_template_is_upstream_qwen35_with_a_bare_think_prefill():
-    upstream, seed = ct.upstream_template(), ct.seed_template()
+    upstream, seed = source.upstream_template(), source.seed_template()
     assert seed.count("'<think>'") == upstream.count("'<think>'") + 1  # one more bare literal: the prefill
     assert len(upstream) - len(seed) == 2  # the two characters of \\n, nothing else
     assert ct.check_template(upstream)["ok"]  # Qwen3.5's own prefill is already "<think>\\n"
 
 
 def test_fix_forced_open_think_repairs_seed_and_leaves_fixed_alone():
-    fixed, changed = ct.fix_forced_open_think(ct.seed_template())
-    assert changed and fixed == ct.upstream_template()
+    fixed, changed = ct.fix_forced_open_think(source.seed_template())
+    assert changed and fixed == source.upstream_template()
     same, changed2 = ct.fix_forced_open_think(ct.fixed_template())
     assert not changed2 and same == ct.fixed_template()
 
@@ -77,7 +77,7 @@ def test_tool_calls_and_responses_render_in_qwen35_xml_form():
 
 
 def test_render_matches_transformers_apply_chat_template():
-    for tmpl in (ct.fixed_template(), ct.seed_template()):
+    for tmpl in (ct.fixed_template(), source.seed_template()):
         for gen in (False, True):
             conv = CONV if not gen else CONV
             ours = ct.render(tmpl, conv, tools=TOOLS, add_generation_prompt=gen)
@@ -103,15 +103,15 @@ def test_resolve_chat_template_choices(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def routing(tiny, tmp_path_factory):  # noqa: F811
+def routing(tiny, tmp_path_factory):
     """llama-server's answers for the tiny NVFP4 GGUF written once with each embedded template."""
     root = tmp_path_factory.mktemp("routing")
-    (root / "seed.jinja").write_text(ct.seed_template())
+    (root / "seed.jinja").write_text(source.seed_template())
     out = {}
     for name, choice in (("fixed", "fixed"), ("seed", str(root / "seed.jinja"))):
         gguf = root / f"tiny-{name}.gguf"
         convert_checkpoint(tiny["nvfp4"], gguf, chat_template=choice, show_progress=False)
-        out[name] = ct.llama_server_routing(gguf, free_tokens=16)
+        out[name] = server.llama_server_routing(gguf, free_tokens=16)
     return out
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest_convert import ckpt_copy, tiny  # noqa: F401  (fixtures)
 from safetensors.torch import load_file, save_file
 
-from nexlab.checkpoint import Checkpoint, canonical_name, read_safetensors_header, validate_checkpoint
-from nexlab.convert import convert_checkpoint
+from nexlab.convert.text import convert_checkpoint
+from nexlab.model.checkpoint import Checkpoint, canonical_name, read_safetensors_header, validate_checkpoint
 
 
 def _shard_of(ckpt: Path, key: str) -> Path:
@@ -61,7 +60,7 @@ def test_canonical_names_strip_multimodal_prefixes_and_skip_vision():
     assert canonical_name("mtp.layers.0.input_layernorm.weight") is None
 
 
-def test_sharded_checkpoint_index_matches_headers(tiny):  # noqa: F811
+def test_sharded_checkpoint_index_matches_headers(tiny):
     ck = Checkpoint(tiny["nvfp4"])
     wm = json.loads((tiny["nvfp4"] / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(ck.entries) + len(ck.skipped) == len(wm)
@@ -72,7 +71,7 @@ def test_sharded_checkpoint_index_matches_headers(tiny):  # noqa: F811
     assert rep.problems == [] and rep.nvfp4_modules
 
 
-def test_every_stored_tensor_reads_bit_exact_like_safetensors_set_aside_ones_included(tiny):  # noqa: F811
+def test_every_stored_tensor_reads_bit_exact_like_safetensors_set_aside_ones_included(tiny):
     """Checkpoint is the workbook's one safetensors reader: ``stored`` lists every key where the index
     puts it, and ``load_stored`` / ``load`` give what safetensors' own load_file gives, byte for byte."""
     d = tiny["nvfp4"]
@@ -97,11 +96,11 @@ def test_every_stored_tensor_reads_bit_exact_like_safetensors_set_aside_ones_inc
 
 
 @pytest.mark.parametrize("kind", ["bf16", "nvfp4", "nvfp4_all"])
-def test_tiny_checkpoints_validate(tiny, kind):  # noqa: F811
+def test_tiny_checkpoints_validate(tiny, kind):
     assert validate_checkpoint(Checkpoint(tiny[kind])).problems == []
 
 
-def test_missing_expert_is_refused_naming_layer_and_expert(ckpt_copy, tmp_path):  # noqa: F811
+def test_missing_expert_is_refused_naming_layer_and_expert(ckpt_copy, tmp_path):
     k = _key(ckpt_copy, "layers.1.mlp.experts.3.up_proj.weight")
     prefix = k[: -len("up_proj.weight")]
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -111,7 +110,7 @@ def test_missing_expert_is_refused_naming_layer_and_expert(ckpt_copy, tmp_path):
     _assert_refused(ckpt_copy, tmp_path, r"layer 1: 3 expert tensors missing \(experts \[3\]\)")
 
 
-def test_truncated_shard_is_refused(ckpt_copy, tmp_path):  # noqa: F811
+def test_truncated_shard_is_refused(ckpt_copy, tmp_path):
     shard = sorted(ckpt_copy.glob("model-*.safetensors"))[-1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 4096])
@@ -120,14 +119,14 @@ def test_truncated_shard_is_refused(ckpt_copy, tmp_path):  # noqa: F811
     _assert_refused(ckpt_copy, tmp_path, rf"{shard.name}: truncated shard")
 
 
-def test_wrong_scale_dtype_is_refused(ckpt_copy, tmp_path):  # noqa: F811
+def test_wrong_scale_dtype_is_refused(ckpt_copy, tmp_path):
     key = _key(ckpt_copy, "layers.2.mlp.shared_expert.down_proj.weight_scale")
     _rewrite(ckpt_copy, _shard_of(ckpt_copy, key), lambda t: t.__setitem__(key, t[key].float()))
     _assert_refused(ckpt_copy, tmp_path, r"model\.layers\.2\.mlp\.shared_expert\.down_proj\.weight_scale: dtype F32, "
                                          r"expected F8_E4M3")
 
 
-def test_group_size_32_is_refused(ckpt_copy, tmp_path):  # noqa: F811
+def test_group_size_32_is_refused(ckpt_copy, tmp_path):
     hq = ckpt_copy / "hf_quant_config.json"
     cfg = json.loads(hq.read_text())
     cfg["quantization"]["group_size"] = 32
@@ -139,13 +138,13 @@ def test_group_size_32_is_refused(ckpt_copy, tmp_path):  # noqa: F811
         convert_checkpoint(ckpt_copy, tmp_path / "x.gguf", show_progress=False)
 
 
-def test_nan_weight_scale_2_is_refused(ckpt_copy, tmp_path):  # noqa: F811
+def test_nan_weight_scale_2_is_refused(ckpt_copy, tmp_path):
     key = _key(ckpt_copy, "layers.3.mlp.experts.5.down_proj.weight_scale_2")
     _rewrite(ckpt_copy, _shard_of(ckpt_copy, key), lambda t: t.__setitem__(key, torch.full_like(t[key], float("nan"))))
     _assert_refused(ckpt_copy, tmp_path, r"model\.layers\.3\.mlp\.experts\.5\.down_proj\.weight_scale_2: value nan")
 
 
-def test_nan_block_scale_is_refused_during_streaming(ckpt_copy, tmp_path):  # noqa: F811
+def test_nan_block_scale_is_refused_during_streaming(ckpt_copy, tmp_path):
     key = _key(ckpt_copy, "layers.4.mlp.experts.1.up_proj.weight_scale")
 
     def poison(t):
@@ -157,14 +156,14 @@ def test_nan_block_scale_is_refused_during_streaming(ckpt_copy, tmp_path):  # no
     _assert_refused(ckpt_copy, tmp_path, r"experts\.1\.up_proj\.weight_scale: NaN block scale at row 2, block 1")
 
 
-def test_missing_non_expert_tensor_is_refused(ckpt_copy, tmp_path):  # noqa: F811
+def test_missing_non_expert_tensor_is_refused(ckpt_copy, tmp_path):
     key = _key(ckpt_copy, "layers.0.linear_attn.A_log")
     _rewrite(ckpt_copy, _shard_of(ckpt_copy, key), lambda t: t.pop(key))
     _assert_refused(ckpt_copy, tmp_path, r"model\.layers\.0\.linear_attn\.A_log is missing")
 
 
 def test_e4m3_nan_mask_covers_both_signs():
-    from nexlab.checkpoint import e4m3_bytes_nan_mask
+    from nexlab.model.checkpoint import e4m3_bytes_nan_mask
 
     b = np.arange(256, dtype=np.uint8)
     f = torch.from_numpy(b.copy()).view(torch.float8_e4m3fn).float().numpy()
@@ -187,7 +186,7 @@ def _single_file_copy(src: Path, dst: Path, tensors: dict) -> Path:
 def _same_gguf(src, dst, a, b) -> None:
     """Both checkpoints convert to the same GGUF: as they are, and with the experts quantized to NVFP4 by
     nexlab (--experts nvfp4 --nvfp4-scales search)."""
-    from nexlab.gguf_inspect import diff_gguf
+    from nexlab.ggufio.inspector import diff_gguf
 
     for kw in ({}, {"experts": "nvfp4", "nvfp4_scales": "search"}):
         convert_checkpoint(src, a, show_progress=False, **kw)
@@ -195,7 +194,7 @@ def _same_gguf(src, dst, a, b) -> None:
         assert diff_gguf(a, b) == [], kw
 
 
-def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: F811
+def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):
     """One model.safetensors with ``language_model.model.`` keys == the sharded original, byte for byte."""
     src = tiny["bf16"]
     merged = {}
@@ -209,7 +208,7 @@ def test_single_file_checkpoint_converts_like_sharded(tiny, tmp_path):  # noqa: 
     _same_gguf(src, dst, a, b)
 
 
-def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):  # noqa: F811
+def test_fused_expert_checkpoint_converts_like_per_expert(tiny, tmp_path):
     """transformers 5 stores BF16 experts fused (gate_up_proj [E, 2I, H], gate rows first; down_proj
     [E, H, I]); the GGUF must equal the one from the per-expert (ModelOpt export) layout."""
     import re

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from nexlab import config as C
+from nexlab.model import config as C
 
 
 def _count_transformers_params(cfg: dict) -> int:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
-from nexlab import convert as cv
-from nexlab import fileio
 from nexlab.cli import main
-from nexlab.gguf_check import check_gguf
-from nexlab.llamacpp import REPO_ROOT
+from nexlab.convert import text as cv
+from nexlab.core import fileio
+from nexlab.ggufio import writer
+from nexlab.ggufio.check import check_gguf
+from nexlab.llamacpp.source import REPO_ROOT
 
 PY = sys.executable
 
@@ -55,12 +55,12 @@ def _run_py(code: str, *args: str, **kw) -> subprocess.Popen:
 # a conversion slowed to 0.3 s per tensor written, so that it can be killed or interrupted mid-file
 _SLOW_CONVERT = """
     import sys, time
-    import nexlab.convert as cv
-    real = cv._write_tensor
+    import nexlab.ggufio.writer as writer
+    real = writer._write_tensor
     def slow(*a, **k):
         time.sleep(0.3)
         return real(*a, **k)
-    cv._write_tensor = slow
+    writer._write_tensor = slow
     from nexlab.cli import main
     sys.exit(main(["convert", sys.argv[1], "-o", sys.argv[2], "-q"]))
 """
@@ -93,7 +93,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_folder_without_room_is_refused_up_front_with_the_numbers(tiny, small_disk, tmp_path,  # noqa: F811
+def test_folder_without_room_is_refused_up_front_with_the_numbers(tiny, small_disk, tmp_path,
                                                                  monkeypatch, capsys):
     need = cv.predict_file_size(tiny["nvfp4"])
     if small_disk is None:  # no mount here: the same refusal from a folder that reports 1 MiB free
@@ -109,10 +109,10 @@ def test_folder_without_room_is_refused_up_front_with_the_numbers(tiny, small_di
     assert list(small_disk.iterdir()) == []
 
 
-def test_disk_filling_during_the_write_is_one_line_and_leaves_nothing(tiny, small_disk, tmp_path,  # noqa: F811
+def test_disk_filling_during_the_write_is_one_line_and_leaves_nothing(tiny, small_disk, tmp_path,
                                                                      monkeypatch, capsys):
     if small_disk is not None:  # the free-space check passes (another writer fills the disk later)
-        monkeypatch.setattr(cv, "ensure_free_space", lambda path, n: None)
+        monkeypatch.setattr(writer, "ensure_free_space", lambda path, n: None)
         out = small_disk / "x.gguf"
         assert main(["convert", str(tiny["nvfp4"]), "-o", str(out), "-q"]) == 1
         err = capsys.readouterr().err.strip()
@@ -136,7 +136,7 @@ def test_disk_filling_during_the_write_is_one_line_and_leaves_nothing(tiny, smal
 
 
 # ----------------------------------------------------------------------------- a killed run
-def test_killed_conversion_litter_is_removed_by_the_next_run(tiny, tmp_path, caplog):  # noqa: F811
+def test_killed_conversion_litter_is_removed_by_the_next_run(tiny, tmp_path, caplog):
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "x.gguf"
@@ -149,11 +149,11 @@ def test_killed_conversion_litter_is_removed_by_the_next_run(tiny, tmp_path, cap
     # a live process's temporary file (this test's parent's pid) is not touched
     live = folder / f".y.gguf{fileio.TEMP_MARKER}{os.getppid()}-abcd1234.tmp"
     live.write_bytes(b"in progress")
-    with caplog.at_level(logging.WARNING, logger="nexlab.fileio"):
+    with caplog.at_level(logging.WARNING, logger="nexlab.core.fileio"):
         cv.convert_checkpoint(tiny["nvfp4"], out, show_progress=False)
     assert _litter(folder) == [live.name]
     check_gguf(out)
-    said = [r.getMessage() for r in caplog.records if r.name == "nexlab.fileio"]
+    said = [r.getMessage() for r in caplog.records if r.name == "nexlab.core.fileio"]
     assert len(said) == 1 and litter[0] in said[0] and f"process {p.pid}" in said[0], said
 
 
@@ -217,7 +217,7 @@ def _gone(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] == "Z"
 
 
-def test_ctrl_c_during_conversion_exits_130_and_leaves_nothing(tiny, tmp_path):  # noqa: F811
+def test_ctrl_c_during_conversion_exits_130_and_leaves_nothing(tiny, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "x.gguf"
@@ -230,7 +230,7 @@ def test_ctrl_c_during_conversion_exits_130_and_leaves_nothing(tiny, tmp_path): 
     assert list(folder.iterdir()) == []
 
 
-def test_ctrl_c_stops_a_llama_cpp_tool_and_its_children(nexlab_gguf, tmp_path):  # noqa: F811
+def test_ctrl_c_stops_a_llama_cpp_tool_and_its_children(nexlab_gguf, tmp_path):
     """`nexlab stock` with a stand-in llama-quantize (a shell that writes its output and starts a
     grandchild): SIGINT to nexlab alone stops both and removes the half-written output."""
     fake = tmp_path / "llama-quantize"
@@ -241,8 +241,8 @@ def test_ctrl_c_stops_a_llama_cpp_tool_and_its_children(nexlab_gguf, tmp_path): 
     out = tmp_path / "out" / "stock.gguf"
     p = _run_py("""
         import sys
-        import nexlab.llamacpp as LL
-        LL.tool_path = lambda name: sys.argv[3]
+        import nexlab.analysis.bench as bench
+        bench.tool_path = lambda name: sys.argv[3]
         from nexlab.cli import main
         sys.exit(main(["stock", sys.argv[1], "-o", sys.argv[2], "-q"]))
     """, str(nexlab_gguf("nvfp4")), str(out), str(fake))
@@ -266,7 +266,7 @@ def test_ctrl_c_stops_the_conversion_benchmark_children(tmp_path):
     """The conversion benchmark runs each converter under /usr/bin/time: Ctrl-C stops the grandchild."""
     p = _run_py("""
         import sys
-        from nexlab.llamacpp import _run
+        from nexlab.llamacpp.process import _run
         _run(["sh", "-c", "sleep 300 & wait"])
     """)
     deadline = time.monotonic() + 60
@@ -316,7 +316,7 @@ COMMANDS = {
 
 
 @pytest.fixture(scope="module")
-def damaged(nexlab_gguf, tmp_path_factory):  # noqa: F811
+def damaged(nexlab_gguf, tmp_path_factory):
     root = tmp_path_factory.mktemp("damaged")
     good_path = nexlab_gguf("nvfp4")
     good = good_path.read_bytes()
@@ -338,7 +338,7 @@ def damaged(nexlab_gguf, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_damaged_file_is_one_line_naming_it(command, kind, damaged, tiny, tmp_path, capsys):  # noqa: F811
+def test_damaged_file_is_one_line_naming_it(command, kind, damaged, tiny, tmp_path, capsys):
     files, root = damaged
     out = tmp_path / "out.gguf"
     subs = {"FILE": str(files[kind]), "TEXT": str(root / "calib.txt"), "OUT": str(out), "CKPT": str(tiny["nvfp4"])}
@@ -350,8 +350,8 @@ def test_damaged_file_is_one_line_naming_it(command, kind, damaged, tiny, tmp_pa
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_the_checker_accepts_every_file_nexlab_and_llama_cpp_write(nexlab_gguf):  # noqa: F811
-    from nexlab.llamacpp import llamacpp_source  # noqa: PLC0415
+def test_the_checker_accepts_every_file_nexlab_and_llama_cpp_write(nexlab_gguf):
+    from nexlab.llamacpp.source import llamacpp_source  # noqa: PLC0415
 
     h = check_gguf(nexlab_gguf("nvfp4"))
     assert h.version == 3 and h.tensors and h.data_offset % h.alignment == 0

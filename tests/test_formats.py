@@ -9,10 +9,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
 from gguf.quants import NVFP4 as GGUF_NVFP4
-from nexlab import formats as F
-from nexlab import ggml_ref
+
+from nexlab.formats import minifloat as F
+from nexlab.llamacpp import libggml as ggml_ref
 
 
 def bits(a) -> np.ndarray:

@@ -9,12 +9,14 @@ llama_model_quantize in tests/test_quantize.py.
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-import gguf
-from nexlab import imatrix as IM
+from nexlab.analysis import imatrix
+from nexlab.ggufio import imatrix_file as IM
+from nexlab.model import qwen35moe
 
 
 def _sample(rng) -> IM.Imatrix:
@@ -81,13 +83,13 @@ def test_column_weights_as_load_imatrix():
 def test_imatrix_for_tensor_fallbacks():
     msgs = []
     w = {"blk.0.attn_qkv.weight": np.ones(256, np.float32), "token_embd.weight": np.ones(3, np.float32)}
-    assert IM.imatrix_for_tensor(None, "blk.0.attn_qkv.weight", 256) is None
-    assert IM.imatrix_for_tensor(w, "blk.0.attn_gate.weight", 256, log=msgs.append) is None
+    assert qwen35moe.imatrix_for_tensor(None, "blk.0.attn_qkv.weight", 256) is None
+    assert qwen35moe.imatrix_for_tensor(w, "blk.0.attn_gate.weight", 256, log=msgs.append) is None
     assert "did not find weights for blk.0.attn_gate.weight" in msgs[-1]
-    assert IM.imatrix_for_tensor(w, "token_embd.weight", 256, log=msgs.append) is None
-    assert IM.imatrix_for_tensor(w, "blk.0.attn_qkv.weight", 256).shape == (1, 256)
+    assert qwen35moe.imatrix_for_tensor(w, "token_embd.weight", 256, log=msgs.append) is None
+    assert qwen35moe.imatrix_for_tensor(w, "blk.0.attn_qkv.weight", 256).shape == (1, 256)
     with pytest.raises(ValueError, match="imatrix size 256 is different from tensor size 512 for blk.0.attn_qkv"):
-        IM.imatrix_for_tensor(w, "blk.0.attn_qkv.weight", 256, n_expert=2)
+        qwen35moe.imatrix_for_tensor(w, "blk.0.attn_qkv.weight", 256, n_expert=2)
 
 
 def test_missing_metadata_is_refused(tmp_path):
@@ -159,7 +161,7 @@ def test_writer_refuses_non_finite(tmp_path):
 def tiny_model():
     from transformers import Qwen3_5MoeForCausalLM
 
-    from nexlab import config as C
+    from nexlab.model import config as C
 
     torch.manual_seed(0)
     cfg = C.to_transformers(C.tiny_config(vocab_size=512))
@@ -168,7 +170,7 @@ def tiny_model():
 
 
 def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
-    from nexlab.qwen35moe import v_head_permutation
+    from nexlab.model.qwen35moe import v_head_permutation
 
     model = tiny_model
     cfg = model.config
@@ -187,8 +189,8 @@ def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
     hooks = [model.model.norm.register_forward_hook(on_norm),
              model.model.layers[0].linear_attn.out_proj.register_forward_pre_hook(on_out)]
     try:
-        im = IM.collect_imatrix(model, tokens, chunk_size=C_SIZE, dataset="calib.txt", process_output=True,
-                                progress=False)
+        im = imatrix.collect_imatrix(model, tokens, chunk_size=C_SIZE, dataset="calib.txt", process_output=True,
+                                show_progress=False)
     finally:
         for h in hooks:
             h.remove()
@@ -219,10 +221,10 @@ def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
 
 
 def test_collect_imatrix_skips_output_by_default_like_llama_imatrix(tiny_model):
-    im = IM.collect_imatrix(tiny_model, list(range(5, 21)), chunk_size=16, progress=False)
+    im = imatrix.collect_imatrix(tiny_model, list(range(5, 21)), chunk_size=16, show_progress=False)
     assert "output.weight" not in im.entries and all(n.startswith("blk.") for n in im.entries)
 
 
 def test_collect_imatrix_needs_one_chunk(tiny_model):
     with pytest.raises(ValueError, match="at least one chunk of 64 tokens"):
-        IM.collect_imatrix(tiny_model, [1, 2, 3], chunk_size=64, progress=False)
+        imatrix.collect_imatrix(tiny_model, [1, 2, 3], chunk_size=64, show_progress=False)

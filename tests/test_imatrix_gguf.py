@@ -13,18 +13,19 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
 
-import gguf
-from nexlab import imatrix as IM
+from nexlab.analysis import imatrix as IM
 from nexlab.cli import main
-from nexlab.convert import convert_checkpoint
+from nexlab.convert.text import convert_checkpoint
+from nexlab.ggufio import imatrix_file
+from nexlab.llamacpp import libggml
 
 
 @pytest.fixture(scope="module")
-def calib_text(tiny, tmp_path_factory):  # noqa: F811
+def calib_text(tiny, tmp_path_factory):
     text = Path(tiny["calib_text"]).read_text(encoding="utf-8")[:12000]
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
     p.write_text(text, encoding="utf-8")
@@ -32,29 +33,29 @@ def calib_text(tiny, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def q8_gguf(tiny, tmp_path_factory):  # noqa: F811
+def q8_gguf(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("q8") / "tiny-NVFP4-Q8_0.gguf"
     convert_checkpoint(tiny["nvfp4"], out, variant="q8_0", show_progress=False)
     return out
 
 
-def llama_imatrix(model, text, out, n_ctx, n_chunks, *extra) -> IM.Imatrix:
+def llama_imatrix(model, text, out, n_ctx, n_chunks, *extra) -> imatrix_file.Imatrix:
     """The real llama-imatrix (no perplexity, 2 threads) through nexlab.imatrix.run_llama_imatrix."""
     return IM.run_llama_imatrix(model, text, out, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=2, extra_args=extra,
                                 timeout=300)
 
 
 def test_compare_imatrix_sees_a_difference(tmp_path):
-    a = IM.Imatrix({"blk.0.attn_qkv.weight": IM.ImatrixEntry(np.ones((1, 4), np.float32), np.ones(1, np.float32))},
+    a = imatrix_file.Imatrix({"blk.0.attn_qkv.weight": imatrix_file.ImatrixEntry(np.ones((1, 4), np.float32), np.ones(1, np.float32))},
                    [], 1, 4)
-    b = IM.Imatrix({"blk.0.attn_qkv.weight": IM.ImatrixEntry(np.full((1, 4), 1.01, np.float32), np.ones(1, np.float32))},
+    b = imatrix_file.Imatrix({"blk.0.attn_qkv.weight": imatrix_file.ImatrixEntry(np.full((1, 4), 1.01, np.float32), np.ones(1, np.float32))},
                    [], 1, 4)
     assert IM.compare_imatrix(a, a)["max_rel_diff"] == 0.0
     assert 0.009 < IM.compare_imatrix(a, b)["max_rel_diff"] < 0.011
     assert IM.relative_drift(b, a) == pytest.approx({"blk.0.attn_qkv.weight": 0.01}, rel=1e-5)
 
 
-def assert_same_imatrix(mine: IM.Imatrix, ref: IM.Imatrix) -> None:
+def assert_same_imatrix(mine: imatrix_file.Imatrix, ref: imatrix_file.Imatrix) -> None:
     assert sorted(mine.entries) == sorted(ref.entries)
     assert (mine.datasets, mine.chunk_count, mine.chunk_size) == (ref.datasets, ref.chunk_count, ref.chunk_size)
     for name, r in ref.entries.items():
@@ -69,7 +70,7 @@ def expert_used_count(model) -> int:
     return int(f[[k for k in f if k.endswith(".expert_used_count")][0]].contents())
 
 
-def test_cli_on_nvfp4_bf16_gguf_matches_llama_imatrix(nexlab_gguf, calib_text, tmp_path, capsys):  # noqa: F811
+def test_cli_on_nvfp4_bf16_gguf_matches_llama_imatrix(nexlab_gguf, calib_text, tmp_path, capsys):
     """Default batching (2048 // 128 = 16 chunks per decode, ubatches of 512), with --process-output."""
     model = nexlab_gguf("nvfp4")
     ref = llama_imatrix(model, calib_text, tmp_path / "ref.imatrix.gguf", 128, 4, "--process-output")
@@ -77,7 +78,7 @@ def test_cli_on_nvfp4_bf16_gguf_matches_llama_imatrix(nexlab_gguf, calib_text, t
     assert main(["imatrix", str(model), "--text", str(calib_text), "--ctx", "128", "--chunks", "4", "--threads", "2",
                  "--process-output", "-o", str(out)]) == 0
     line = capsys.readouterr().out.strip()
-    mine = IM.read_imatrix(out)
+    mine = imatrix_file.read_imatrix(out)
     assert_same_imatrix(mine, ref)
     assert mine.chunk_count == 4 and mine.chunk_size == 128
     assert mine.entries["output.weight"].counts[0] == 4 * 128
@@ -94,14 +95,14 @@ def test_api_on_q8_0_gguf_matches_llama_imatrix_across_small_batches(q8_gguf, ca
     graphs are skipped for dense weights (fewer than 16 rows) but not for the experts."""
     ref = llama_imatrix(q8_gguf, calib_text, tmp_path / "ref.imatrix.gguf", 136, 3, "-b", 64, "-ub", 64)
     mine = IM.collect_imatrix_gguf(q8_gguf, IM.read_calibration_text(calib_text), n_ctx=136, n_chunks=3, n_threads=2,
-                                   n_batch=64, n_ubatch=64, dataset=str(calib_text), progress=False)
+                                   n_batch=64, n_ubatch=64, dataset=str(calib_text), show_progress=False)
     assert_same_imatrix(mine, ref)
     assert mine.entries["blk.0.attn_qkv.weight"].counts[0] == 3 * 128
     assert mine.entries["blk.0.ffn_gate_exps.weight"].counts.sum() == 3 * 136 * expert_used_count(q8_gguf)
     assert "output.weight" not in mine.entries
 
 
-def test_bos_replaces_each_chunks_first_token_like_llama_imatrix(nexlab_gguf, calib_text, tmp_path):  # noqa: F811
+def test_bos_replaces_each_chunks_first_token_like_llama_imatrix(nexlab_gguf, calib_text, tmp_path):
     """A copy of the GGUF whose vocabulary adds BOS: both tools put BOS first in every chunk."""
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
@@ -113,7 +114,7 @@ def test_bos_replaces_each_chunks_first_token_like_llama_imatrix(nexlab_gguf, ca
     add_bos = {gguf.Keys.Tokenizer.ADD_BOS: MetadataDetails(gguf.GGUFValueType.BOOL, True)}
     copy_with_new_metadata(reader, writer, add_bos, [])
     ref = llama_imatrix(model, calib_text, tmp_path / "ref.imatrix.gguf", 64, 3)
-    kw = dict(n_ctx=64, n_chunks=3, n_threads=2, dataset=str(calib_text), progress=False)
+    kw = dict(n_ctx=64, n_chunks=3, n_threads=2, dataset=str(calib_text), show_progress=False)
     text = IM.read_calibration_text(calib_text)
     mine = IM.collect_imatrix_gguf(model, text, **kw)
     assert_same_imatrix(mine, ref)
@@ -129,15 +130,15 @@ class _Graph:
     """Tensors in a plain ggml_context (host memory) built by libggml, filled from numpy."""
 
     def __init__(self):
-        self.L = IM._ggml()
+        self.L = libggml._ggml()
         vp, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
         self.L.ggml_view_2d.argtypes = [vp, vp, i64, i64, sz, sz]
         self.L.ggml_view_2d.restype = vp
         self.L.ggml_view_3d.argtypes = [vp, vp, i64, i64, i64, sz, sz, sz]
         self.L.ggml_view_3d.restype = vp
-        self.ctx = self.L.ggml_init(IM._GgmlInitParams(1 << 20, None, False))
+        self.ctx = self.L.ggml_init(libggml._GgmlInitParams(1 << 20, None, False))
 
-    def tensor(self, arr: np.ndarray | None, shape_ne, gtype=IM._GGML_TYPE_F32, name=b""):
+    def tensor(self, arr: np.ndarray | None, shape_ne, gtype=libggml._GGML_TYPE_F32, name=b""):
         f = self.L.ggml_new_tensor_2d if len(shape_ne) == 2 else self.L.ggml_new_tensor_3d
         t = f(self.ctx, gtype, *shape_ne)
         if name:
@@ -167,7 +168,7 @@ def test_callback_honours_strides_counts_unrouted_experts_and_skips_like_llama_i
 
         ids_base = np.full((20, 3), 3, np.int32)  # column 0 (outside the view) names expert 3: never read
         ids_base[:, 1:] = rng.integers(0, 3, (20, 2))
-        ids = L.ggml_view_2d(g.ctx, g.tensor(ids_base, (3, 20), IM._GGML_TYPE_I32), 2, 20, 12, 4)
+        ids = L.ggml_view_2d(g.ctx, g.tensor(ids_base, (3, 20), libggml._GGML_TYPE_I32), 2, 20, 12, 4)
         up = g.tensor(None, (12, 6, 4), name=b"blk.0.ffn_up_exps.weight")
         down = g.tensor(None, (12, 6, 4), name=b"blk.0.ffn_down_exps.weight")
         shared_x = L.ggml_view_3d(g.ctx, xb, 12, 1, 20, 64, 64, 8)  # one row per token, shared by both slots
@@ -201,7 +202,7 @@ def test_callback_honours_strides_counts_unrouted_experts_and_skips_like_llama_i
     assert im.chunk_count == 2  # largest count (20 tokens of the dense weight) // chunk_size 10
     assert IM.unrouted_experts(im) == {0: [3]}
     assert "1 expert of layer 0 never routed (3)" in IM.summary_line("x.gguf", im)
-    assert (IM.column_weights(up_e).reshape(4, 12)[3] == 1).all()  # what llama-quantize then uses
+    assert (imatrix_file.column_weights(up_e).reshape(4, 12)[3] == 1).all()  # what llama-quantize then uses
 
 
 # --------------------------------------------------------------------------- bad input
@@ -220,7 +221,7 @@ def test_callback_honours_strides_counts_unrouted_experts_and_skips_like_llama_i
     ("too many chunks per batch", ["MODEL", "--text", "TEXT", "--ctx", "4"], "means 512 parallel chunks"),
     ("tokenizer with gguf", ["MODEL", "--text", "TEXT", "--tokenizer", "x"], "carries its own tokenizer"),
 ])  # fmt: skip
-def test_bad_input_is_one_clear_line_and_writes_nothing(case, args, message, nexlab_gguf,  # noqa: F811
+def test_bad_input_is_one_clear_line_and_writes_nothing(case, args, message, nexlab_gguf,
                                                         calib_text, tmp_path, capsys):
     model = nexlab_gguf("nvfp4")
     (tmp_path / "empty.gguf").write_bytes(b"")

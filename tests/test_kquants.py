@@ -11,29 +11,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
-from nexlab import ggml_ref
-from nexlab import kquants as kq
+
+from nexlab.analysis import speed
+from nexlab.formats import kquant_search
+from nexlab.formats import kquants as kq
+from nexlab.llamacpp import libggml as ggml_ref
 
 TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
-def c_quantize(type_name: str, x: np.ndarray, imatrix=None) -> np.ndarray:
+def c_quantize(ggml_type: str, x: np.ndarray, imatrix=None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    raw = ggml_ref.ggml_quantize_chunk(type_name, x, x.shape[0], x.shape[1], imatrix=imatrix)
+    raw = ggml_ref.ggml_quantize_chunk(ggml_type, x, x.shape[0], x.shape[1], imatrix=imatrix)
     return np.frombuffer(raw, dtype=np.uint8).reshape(x.shape[0], -1)
 
 
-def assert_same_bytes(type_name, x, imatrix=None):
-    ours = kq.quantize(x, type_name, imatrix)
-    ref = c_quantize(type_name, x, imatrix)
+def assert_same_bytes(ggml_type, x, imatrix=None):
+    ours = kq.quantize(x, ggml_type, imatrix)
+    ref = c_quantize(ggml_type, x, imatrix)
     assert ours.shape == ref.shape
     if not np.array_equal(ours, ref):
-        bs = kq.TYPE_SIZES[type_name]
+        bs = kq.TYPE_SIZES[ggml_type]
         bad = np.nonzero((ours.reshape(-1, bs) != ref.reshape(-1, bs)).any(axis=1))[0]
-        raise AssertionError(f"{type_name}: {bad.size} of {ours.size // bs} blocks differ from ggml (first {bad[:5]})")
+        raise AssertionError(f"{ggml_type}: {bad.size} of {ours.size // bs} blocks differ from ggml (first {bad[:5]})")
 
 
 # --------------------------------------------------------------------------- test tensors
@@ -93,17 +95,17 @@ IMATRICES = _imatrices(np.random.default_rng(7), 512)
 # --------------------------------------------------------------------------- bit-exact vs ggml
 
 
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("ggml_type", TYPES)
 @pytest.mark.parametrize("case", sorted(TENSORS))
-def test_bytes_equal_ggml_without_imatrix(type_name, case):
-    assert_same_bytes(type_name, TENSORS[case])
+def test_bytes_equal_ggml_without_imatrix(ggml_type, case):
+    assert_same_bytes(ggml_type, TENSORS[case])
 
 
-@pytest.mark.parametrize("type_name", ("Q4_K", "Q5_K", "Q6_K"))
+@pytest.mark.parametrize("ggml_type", ("Q4_K", "Q5_K", "Q6_K"))
 @pytest.mark.parametrize("imatrix", [k for k in IMATRICES if k != "none"])
 @pytest.mark.parametrize("case", sorted(TENSORS))
-def test_bytes_equal_ggml_with_imatrix(type_name, imatrix, case):
-    assert_same_bytes(type_name, TENSORS[case], IMATRICES[imatrix])
+def test_bytes_equal_ggml_with_imatrix(ggml_type, imatrix, case):
+    assert_same_bytes(ggml_type, TENSORS[case], IMATRICES[imatrix])
 
 
 def test_q8_0_ties_round_half_away_from_zero_as_roundf():
@@ -121,24 +123,24 @@ def test_q8_0_ignores_the_imatrix_like_ggml():
     assert_same_bytes("Q8_0", x, im)
 
 
-@pytest.mark.parametrize("type_name", ("Q4_K", "Q5_K", "Q6_K"))
-def test_imatrix_changes_the_result(type_name):
+@pytest.mark.parametrize("ggml_type", ("Q4_K", "Q5_K", "Q6_K"))
+def test_imatrix_changes_the_result(ggml_type):
     # guards against an imatrix silently being dropped on the way to the search
     x = TENSORS["normal"]
-    assert not np.array_equal(kq.quantize(x, type_name, IMATRICES["wide_range"]), kq.quantize(x, type_name))
+    assert not np.array_equal(kq.quantize(x, ggml_type, IMATRICES["wide_range"]), kq.quantize(x, ggml_type))
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_bytes_equal_ggml_on_many_random_shapes_and_chunks(type_name, monkeypatch):
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_bytes_equal_ggml_on_many_random_shapes_and_chunks(ggml_type, monkeypatch):
     # small chunks force the multi-chunk path (rows split across vectorised steps)
     monkeypatch.setattr(kq, "_CHUNK_SUPERBLOCKS", 3)
     monkeypatch.setattr(kq, "_Q8_CHUNK_BLOCKS", 5)
     rng = np.random.default_rng(99)
     for rows, nb in [(1, 1), (7, 1), (3, 5), (10, 2)]:
         x = (rng.standard_normal((rows, 256 * nb)) * rng.uniform(0.01, 10)).astype(np.float32)
-        assert_same_bytes(type_name, x)
-        if type_name != "Q8_0":
-            assert_same_bytes(type_name, x, (rng.random(256 * nb) ** 3).astype(np.float32))
+        assert_same_bytes(ggml_type, x)
+        if ggml_type != "Q8_0":
+            assert_same_bytes(ggml_type, x, (rng.random(256 * nb) ** 3).astype(np.float32))
 
 
 def test_weight_like_tensor_large():
@@ -175,17 +177,17 @@ def test_axis0_reduction_adds_in_index_order():
         s = a[0].copy()
         for k in range(1, 32):
             s = (s + a[k]).astype(np.float32)
-        assert np.array_equal(kq._seqsum(a), s)
+        assert np.array_equal(kquant_search.seqsum(a), s)
     col = np.ascontiguousarray(a[:, :1])
     s = col[0].copy()
     for k in range(1, 32):
         s = s + col[k]
-    assert np.array_equal(kq._seqsum(col), s)
+    assert np.array_equal(kquant_search.seqsum(col), s)
 
 
 def test_nearest_int_is_round_half_even_in_range():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 4194303.0, -4194303.0, 0.49999997, 1e-30, -7.5], np.float32)
-    assert np.array_equal(kq._nearest_int(v), np.rint(v).astype(np.int32))
+    assert np.array_equal(kquant_search.nearest_int(v), np.rint(v).astype(np.int32))
 
 
 # --------------------------------------------------------------------------- dequantization
@@ -199,25 +201,25 @@ _GGUF_TYPES = {
 }
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_dequantize_bit_equal_to_ggml_and_gguf_py(type_name):
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_dequantize_bit_equal_to_ggml_and_gguf_py(ggml_type):
     x = np.concatenate([TENSORS["normal"], TENSORS["outliers"], TENSORS["all_zero_rows"]])
-    q = c_quantize(type_name, x, None)
-    ours = kq.dequantize(q, type_name)
-    c = ggml_ref.ggml_dequantize(type_name, q.reshape(-1), x.size).reshape(x.shape)
+    q = c_quantize(ggml_type, x, None)
+    ours = kq.dequantize(q, ggml_type)
+    c = ggml_ref.ggml_dequantize(ggml_type, q.reshape(-1), x.size).reshape(x.shape)
     assert np.array_equal(ours.view(np.uint32), c.view(np.uint32))
-    g = gguf_quants.dequantize(q, _GGUF_TYPES[type_name]).astype(np.float32)
+    g = gguf_quants.dequantize(q, _GGUF_TYPES[ggml_type]).astype(np.float32)
     assert np.array_equal(ours, g)
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_round_trip_error_is_small(type_name):
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_round_trip_error_is_small(ggml_type):
     # SQNR floors for N(0,1) data (Q8_0 ~ 40 dB, Q6_K ~ 30, Q5_K ~ 24, Q4_K ~ 18)
     floors = {"Q8_0": 38.0, "Q6_K": 28.0, "Q5_K": 22.0, "Q4_K": 16.0}
     x = TENSORS["normal"]
-    y = kq.dequantize(kq.quantize(x, type_name), type_name, x.shape[1])
+    y = kq.dequantize(kq.quantize(x, ggml_type), ggml_type, x.shape[1])
     sqnr = 10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x - y).astype(np.float64) ** 2))
-    assert sqnr > floors[type_name]
+    assert sqnr > floors[ggml_type]
 
 
 def test_dequantize_flat_bytes_with_n_per_row():
@@ -229,19 +231,19 @@ def test_dequantize_flat_bytes_with_n_per_row():
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("type_name,cols", [("Q4_K", 128), ("Q5_K", 300), ("Q6_K", 2048 + 32), ("Q8_0", 48)])
-def test_row_length_not_multiple_of_block_raises(type_name, cols):
+@pytest.mark.parametrize("ggml_type,cols", [("Q4_K", 128), ("Q5_K", 300), ("Q6_K", 2048 + 32), ("Q8_0", 48)])
+def test_row_length_not_multiple_of_block_raises(ggml_type, cols):
     with pytest.raises(ValueError, match="not a multiple"):
-        kq.quantize(np.ones((2, cols), np.float32), type_name, name="blk.0.attn_q.weight")
+        kq.quantize(np.ones((2, cols), np.float32), ggml_type, name="blk.0.attn_q.weight")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("type_name", TYPES)
-def test_non_finite_input_raises_naming_the_tensor(type_name, bad):
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_non_finite_input_raises_naming_the_tensor(ggml_type, bad):
     x = np.ones((2, 256), np.float32)
     x[1, 7] = bad
     with pytest.raises(ValueError, match="blk.3.ffn_up.weight.*non-finite"):
-        kq.quantize(x, type_name, name="blk.3.ffn_up.weight")
+        kq.quantize(x, ggml_type, name="blk.3.ffn_up.weight")
 
 
 def test_imatrix_problems_raise():
@@ -273,8 +275,8 @@ def _real_weight_matrices(limit: int = 6):
     $NEXLAB_ARTIFACTS) when there, else built here by nexlab.models.ensure_tiny (smoke mode, seconds).
 
     Chosen from the safetensors headers (nexlab.checkpoint.Checkpoint) before anything is read."""
-    from nexlab.checkpoint import Checkpoint
-    from nexlab.models import ensure_tiny
+    from nexlab.artifacts.tiny import ensure_tiny
+    from nexlab.model.checkpoint import Checkpoint
 
     ckpt = ensure_tiny(smoke=True)["bf16"]
 
@@ -298,7 +300,7 @@ def test_bytes_equal_ggml_on_real_checkpoint_weights():
 
 def test_benchmark_ratio_is_nexlab_time_over_ggml_time():
     """The workbook's one benchmark convention (README): time nexlab / time C, below 1 = nexlab faster."""
-    res = kq.benchmark_vs_ggml(shape=(4, 256), cases=(("Q8_0", False), ("Q4_K", True)), repeats=1)
+    res = speed.kquant_speed_vs_ggml(shape=(4, 256), cases=(("Q8_0", False), ("Q4_K", True)), repeats=1)
     assert sorted(res) == ["Q4_K+imatrix", "Q8_0"]
     for case, v in res.items():
         assert v["time_ratio"] == pytest.approx(v["nexlab_s"] / v["ggml_s"], rel=1e-12), case

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
 
-from nexlab import llamacpp as LL
 from nexlab.cli import main as nexlab_main
+from nexlab.llamacpp import build as llamacpp_build
+from nexlab.llamacpp import server
+from nexlab.llamacpp import source as LL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,10 +100,10 @@ def test_missing_tree_and_tools_are_errors_that_name_nexlab_setup(monkeypatch, t
     with pytest.raises(FileNotFoundError, match="nexlab setup"):
         LL.llamacpp_source(fetch=False)
     with pytest.raises(FileNotFoundError, match=r"llama-server is not built .*nexlab setup"):
-        LL.tool_path("llama-server")
+        llamacpp_build.tool_path("llama-server")
     with pytest.raises(ValueError, match="unknown llama.cpp tool"):
-        LL.tool_path("llama-cli")
-    assert LL.missing_tools() == list(LL.TOOLS)
+        llamacpp_build.tool_path("llama-cli")
+    assert llamacpp_build.missing_tools() == list(llamacpp_build.TOOLS)
     assert nexlab_main(["setup", "--check"]) == 1
     assert not any(tmp_path.iterdir()), "a check must not fetch or build anything"
 
@@ -110,24 +111,24 @@ def test_missing_tree_and_tools_are_errors_that_name_nexlab_setup(monkeypatch, t
 def test_setup_check_lists_every_tool(capsys):
     assert nexlab_main(["setup", "--check"]) == 0
     out = capsys.readouterr().out
-    for t in LL.TOOLS:
+    for t in llamacpp_build.TOOLS:
         assert re.search(rf"^ok +\S+/{t}$", out, re.M), t
 
 
 def test_build_steps_report_progress_and_fail_with_the_end_of_their_output(tmp_path):
     lines = []
     with open(tmp_path / "log", "w") as f:
-        LL._stream(["bash", "-c", "echo '[  4%] Building a.c'; echo '[100%] Built target llama-bench'"], f,
+        llamacpp_build._stream(["bash", "-c", "echo '[  4%] Building a.c'; echo '[100%] Built target llama-bench'"], f,
                    label="build", log=lines.append, t0=0.0)
         with pytest.raises(RuntimeError, match=r"failed \(3\):\ncompiler says no"):
-            LL._stream(["bash", "-c", "echo 'compiler says no'; exit 3"], f, label="build", log=lines.append, t0=0.0)
+            llamacpp_build._stream(["bash", "-c", "echo 'compiler says no'; exit 3"], f, label="build", log=lines.append, t0=0.0)
     assert any("Building a.c" in x for x in lines) and any("llama-bench done" in x for x in lines)
     assert "compiler says no" in (tmp_path / "log").read_text()
 
 
-@pytest.mark.parametrize("name", LL.TOOLS)
+@pytest.mark.parametrize("name", llamacpp_build.TOOLS)
 def test_tool_is_static_and_runs(name):
-    exe = LL.tool_path(name)
+    exe = llamacpp_build.tool_path(name)
     ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
     assert "libllama" not in ldd and "libggml" not in ldd and "not found" not in ldd, ldd
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
@@ -142,9 +143,9 @@ def test_tools_come_from_the_same_tree_as_the_bindings():
     assert build["cmake_options"]["BUILD_SHARED_LIBS"] == "OFF"
 
 
-def test_llama_server_serves_the_model_and_stops(nexlab_gguf):  # noqa: F811
+def test_llama_server_serves_the_model_and_stops(nexlab_gguf):
     gguf = nexlab_gguf("nvfp4")
-    with LL.llama_server(gguf, n_ctx=256) as srv:
+    with server.llama_server(gguf, n_ctx=256) as srv:
         assert srv.request("/health")["status"] == "ok"
         props = srv.request("/props")
         assert Path(props["model_path"]).resolve() == gguf.resolve()
@@ -167,12 +168,12 @@ def test_llama_server_that_cannot_load_raises_with_its_log(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(RuntimeError, match="llama-server exited"):
-        with LL.llama_server(bad, startup_timeout=60):
+        with server.llama_server(bad, startup_timeout=60):
             pass
     text = tmp_path / "notes.gguf"
     text.write_text("not a model")
     with pytest.raises(ValueError, match="not a GGUF"):
-        with LL.llama_server(text):
+        with server.llama_server(text):
             pass
 
 

@@ -25,13 +25,16 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from nexlab import llamacpp as LL
-from nexlab import memory as M
-from nexlab import qwen35moe as Q
-from nexlab.convert import write_shape_gguf
-from nexlab.gguf_layout import file_nbytes, header_nbytes
-from nexlab.vision import mmproj_size
-from nexlab.config import slice_config, tiny_config
+from nexlab.analysis import memory as M
+from nexlab.convert.mmproj import mmproj_size
+from nexlab.convert.text import write_shape_gguf
+from nexlab.ggufio import layout
+from nexlab.ggufio.layout import file_nbytes, header_nbytes
+from nexlab.llamacpp import runtime as LL
+from nexlab.llamacpp import source
+from nexlab.model import hparams as Q
+from nexlab.model import qwen35moe
+from nexlab.model.config import slice_config, tiny_config
 
 QT = gguf.GGMLQuantizationType
 
@@ -74,7 +77,7 @@ def slice_gguf(tmp_path_factory, slice_model):
 def _libggml():
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     cands = sorted(lib_dir.glob("libggml-base.*"))
-    assert cands, f"libggml-base not found in {lib_dir} (llama-cpp-python {LL.LLAMA_CPP_PYTHON_VERSION} ships it)"
+    assert cands, f"libggml-base not found in {lib_dir} (llama-cpp-python {source.LLAMA_CPP_PYTHON_VERSION} ships it)"
     lib = ctypes.CDLL(str(cands[0]))
 
     class InitParams(ctypes.Structure):
@@ -130,15 +133,15 @@ def test_header_bytes_equal_gguf_writer(tmp_path):
           ("x.arr_i32", [1, 2, 3], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
           ("x.arr_bool", [True, False, True], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL),
           ("x.arr_str", ["a", "bcd", "€"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)]
-    tensors = [Q.TensorSpec("a.weight", (3, 64), QT.F32), Q.TensorSpec("bb.weight", (5,), QT.F32),
-               Q.TensorSpec("c", (2, 2, 32), QT.F32)]
+    tensors = [layout.TensorSpec("a.weight", (3, 64), QT.F32), layout.TensorSpec("bb.weight", (5,), QT.F32),
+               layout.TensorSpec("c", (2, 2, 32), QT.F32)]
 
     def add_metadata(w):
         for k, v, t, st in md:
             w.add_key_value(k, v, t, sub_type=st)
 
-    from nexlab.convert import PlannedTensor, write_gguf
-    from nexlab.gguf_layout import make_writer
+    from nexlab.ggufio.layout import make_writer
+    from nexlab.ggufio.writer import PlannedTensor, write_gguf
     write_gguf(p, "qwen35moe", add_metadata, [PlannedTensor(t, lambda t=t: np.zeros(t.shape, np.float32))
                                              for t in tensors], show_progress=False)
     w = make_writer("qwen35moe", add_metadata, tensors)
@@ -152,7 +155,7 @@ def test_shape_gguf_size_equals_prediction(tiny_gguf):
     assert g["file_bytes"] == os.path.getsize(p)
     assert g["weights_bytes"] == M.weights_bytes(specs)
     # the tensor list read back is the planned one
-    assert [(s.name, s.ne, s.qtype) for s in g["specs"]] == [(s.name, s.ne, s.qtype) for s in specs]
+    assert [(s.name, s.ne, s.ggml_type) for s in g["specs"]] == [(s.name, s.ne, s.ggml_type) for s in specs]
 
 
 def test_ctx_layout_padding_and_streams():
@@ -348,18 +351,18 @@ def test_predicted_gguf_size_equals_llama_quantize_output(tmp_path, tiny_gguf, v
     assert rc == 0
     pred = M.gguf_file_size_from_gguf(src, variant)
     written = {t.name: QT(int(t.tensor_type)) for t in gguf.GGUFReader(str(out)).tensors}
-    assert {s.name: s.qtype for s in pred["specs"]} == written
+    assert {s.name: s.ggml_type for s in pred["specs"]} == written
     assert pred["file_bytes"] == os.path.getsize(out)
     # the plan from the hyper-parameters alone (qwen35moe.tensor_plan) agrees too
     model = Q.hparams_from_gguf(src)
-    assert {s.name: s.qtype for s in Q.tensor_plan(model, variant)} == written
+    assert {s.name: s.ggml_type for s in qwen35moe.tensor_plan(model, variant)} == written
 
 
 @pytest.mark.slow
 def test_nexlab_written_gguf_sizes_equal_prediction(tmp_path):
     """Files nexlab's converter writes for the tiny model: every size predicted from the BF16 file's header."""
-    from nexlab.convert import convert_checkpoint
-    from nexlab.models import ensure_tiny
+    from nexlab.artifacts.tiny import ensure_tiny
+    from nexlab.convert.text import convert_checkpoint
 
     ckpt = ensure_tiny(smoke=True)["nvfp4"]
     files = {v: convert_checkpoint(ckpt, tmp_path / f"tiny-{v}.gguf", variant=v, show_progress=False).path
@@ -369,6 +372,6 @@ def test_nexlab_written_gguf_sizes_equal_prediction(tmp_path):
         assert own["file_bytes"] == os.path.getsize(f)
         pred = M.gguf_file_size_from_gguf(files["bf16"], variant)
         written = {t.name: QT(int(t.tensor_type)) for t in gguf.GGUFReader(str(f)).tensors}
-        assert {s.name: s.qtype for s in pred["specs"]} == written, variant
+        assert {s.name: s.ggml_type for s in pred["specs"]} == written, variant
         assert pred["weights_bytes"] == own["weights_bytes"], variant
         assert pred["file_bytes"] == os.path.getsize(f), variant

@@ -15,14 +15,18 @@ import shutil
 
 import pytest
 
-from nexlab import mmproj as MP
-from nexlab.checkpoint import Checkpoint
+from nexlab.analysis import vision
+from nexlab.artifacts import tiny_vl
+from nexlab.artifacts.checkpoints import checkpoint_index
+from nexlab.chapters import ch03
 from nexlab.cli import main as nexlab_main
-from nexlab.config import real_config
-from nexlab.convert import convert_checkpoint
-from nexlab.gguf_inspect import diff_gguf
-from nexlab.llamacpp import run_reference_converter
-from nexlab.models import checkpoint_index
+from nexlab.convert import mmproj
+from nexlab.convert.text import convert_checkpoint
+from nexlab.ggufio.inspector import diff_gguf
+from nexlab.llamacpp.source import run_reference_converter
+from nexlab.model import vision as MP
+from nexlab.model.checkpoint import Checkpoint
+from nexlab.model.config import real_config
 
 # general.* free-text fields each converter fills its own way (diff_gguf compares every other key)
 DESCRIPTIVE = ("general.name", "general.license", "general.quantized_by")
@@ -30,7 +34,7 @@ DESCRIPTIVE = ("general.name", "general.license", "general.quantized_by")
 
 @pytest.fixture(scope="module")
 def vl():
-    return MP.ensure_tiny_vl(smoke=True)
+    return tiny_vl.ensure_tiny_vl(smoke=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def files(vl, tmp_path_factory):
     def get(dtype: str):
         if dtype not in cache:
             ours, ref = root / f"nexlab-{dtype}.gguf", root / f"llamacpp-{dtype}.gguf"
-            MP.convert_mmproj(vl["ckpt"], ours, dtype, show_progress=False)
+            mmproj.convert_mmproj(vl["ckpt"], ours, dtype, show_progress=False)
             run_reference_converter(vl["ckpt"], ref, mmproj=dtype)
             cache[dtype] = (ours, ref)
         return cache[dtype]
@@ -87,15 +91,15 @@ def test_predicted_size_is_the_written_size(vl, files, dtype):
     """The plan of the checkpoint and the plan of its config alone give the written file's size."""
     ours, _ = files(dtype)
     with Checkpoint(vl["ckpt"]) as ck:
-        assert MP.plan_mmproj(ck, dtype).file_nbytes == ours.stat().st_size
+        assert mmproj.plan_mmproj(ck, dtype).file_nbytes == ours.stat().st_size
         cfg = ck.raw_config
-    assert MP.mmproj_file_nbytes(cfg, dtype, name=vl["ckpt"].name) == ours.stat().st_size
+    assert mmproj.mmproj_file_nbytes(cfg, dtype, name=vl["ckpt"].name) == ours.stat().st_size
 
 
 def test_vision_tensor_names_and_shapes_match_transformers(vl):
     """expected_vision_tensors is what transformers' Qwen3_5MoeForConditionalGeneration holds under
     model.visual.*, for the tiny VL tower and Nex-N2-mini's."""
-    from nexlab.synth import _meta_state_dict_shapes
+    from nexlab.artifacts.synth import _meta_state_dict_shapes
 
     for cfg in (json.loads((vl["ckpt"] / "config.json").read_text()), real_config()):
         meta = {k: tuple(v) for k, v in _meta_state_dict_shapes(cfg).items() if k.startswith("model.visual.")}
@@ -110,10 +114,10 @@ def test_tiny_vl_is_derived_from_the_tiny_text_model_and_deterministic(vl):
             assert t.load_stored(k).equal(v.load_stored(k)), k
         cfg = v.raw_config
         visual = {k: v.load_stored(k) for k in v.stored if k.startswith(MP.VISUAL_PREFIXES)}
-    assert cfg["vision_config"] == MP.TINY_VL_VISION
-    again = MP.random_vision_tensors(cfg, seed=0)
+    assert cfg["vision_config"] == tiny_vl.TINY_VL_VISION
+    again = tiny_vl.random_vision_tensors(cfg, seed=0)
     assert sorted(again) == sorted(visual) and all(again[k].equal(visual[k]) for k in visual)
-    other = MP.random_vision_tensors(cfg, seed=1)
+    other = tiny_vl.random_vision_tensors(cfg, seed=1)
     assert not all(other[k].equal(visual[k]) for k in visual)
     assert len(set(checkpoint_index(vl["ckpt"]).values())) >= 2
 
@@ -121,8 +125,8 @@ def test_tiny_vl_is_derived_from_the_tiny_text_model_and_deterministic(vl):
 def test_llama_mtmd_cli_runs_with_the_tiny_text_gguf_and_the_mmproj(files, tmp_path):
     """llama.cpp's multimodal tool loads both files, encodes a generated image, and generates."""
     ours, _ = files("f16")
-    png = MP.save_png(MP.make_test_image(128, 96, seed=0), tmp_path / "image.png")
-    run = MP.run_mtmd_cli(files.text, ours, png, n_predict=4)
+    png = tiny_vl.save_png(tiny_vl.make_test_image(128, 96, seed=0), tmp_path / "image.png")
+    run = vision.run_mtmd_cli(files.text, ours, png, n_predict=4)
     assert run.returncode == 0
     assert "mtmd batch encoding done" in run.log or "image slice encoded" in run.log, run.log[-2000:]
     assert "clip.projector_type" not in run.output
@@ -135,25 +139,25 @@ def test_llamacpp_image_embeddings_match_transformers(vl, files, dtype, bound):
     tower: f16 9.0e-4, f32 8.7e-4, bf16 3.5e-3; llama.cpp computes in F16/F32 kernels, transformers
     in float32). A different image gives a large error, so the comparison can fail."""
     ours, _ = files(dtype)
-    img = MP.make_test_image(128, 96, seed=0)
-    ref = MP.transformers_image_embeddings(vl["ckpt"], img)
-    got = MP.llamacpp_image_embeddings(ours, files.text, img)
+    img = tiny_vl.make_test_image(128, 96, seed=0)
+    ref = vision.transformers_image_embeddings(vl["ckpt"], img)
+    got = vision.llamacpp_image_embeddings(ours, files.text, img)
     assert got.shape == ref.shape == (12, 256)
-    err = MP.relative_error(got, ref)
+    err = vision.relative_error(got, ref)
     assert err < bound, err
-    other = MP.transformers_image_embeddings(vl["ckpt"], MP.make_test_image(128, 96, seed=1))
-    assert MP.relative_error(got, other) > 10 * err  # only the noise differs: still 0.25
+    other = vision.transformers_image_embeddings(vl["ckpt"], tiny_vl.make_test_image(128, 96, seed=1))
+    assert vision.relative_error(got, other) > 10 * err  # only the noise differs: still 0.25
 
 
 def test_seed_mmproj_size_from_the_exact_plan():
     """The seed's 903 MB is the converter's bf16 plan of Nex-N2-mini (F32 patch embedding), its f16
     plan is smaller by exactly the F16 patch-embedding bytes; the memory tables and nexlab.vision
     use the same plan."""
-    from nexlab import memory as M
-    from nexlab import qwen35moe as Q
-    from nexlab.vision import mmproj_size
+    from nexlab.analysis import memory as M
+    from nexlab.convert.mmproj import mmproj_size
+    from nexlab.model import hparams as Q
 
-    s = MP.explain_seed_size()
+    s = ch03.explain_seed_size()
     assert round(s["bf16_file"] / 1e6) == MP.SEED_MMPROJ_MB
     assert s["bf16_minus_f16"] == s["patch_embedding_f32_extra"] > 0
     assert s["f16_file"] == s["f16_tensors"] + s["f16_header"]
@@ -182,7 +186,7 @@ def test_bad_checkpoints_are_refused_by_name_and_leave_no_file(vl, tmp_path, cha
     d = _damaged(vl, tmp_path, **change)
     out = tmp_path / "out.gguf"
     with pytest.raises(ValueError, match=message):
-        MP.convert_mmproj(d, out, show_progress=False)
+        mmproj.convert_mmproj(d, out, show_progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out.gguf*"))
 
 
@@ -190,7 +194,7 @@ def test_missing_preprocessor_config_or_vision_config_is_refused(vl, tmp_path):
     d = _damaged(vl, tmp_path)
     (d / "preprocessor_config.json").unlink()
     with pytest.raises(ValueError, match="image_mean"):
-        MP.convert_mmproj(d, tmp_path / "x.gguf", show_progress=False)
+        mmproj.convert_mmproj(d, tmp_path / "x.gguf", show_progress=False)
     with pytest.raises(ValueError, match="no vision_config"):
         MP.vision_config({"text_config": {}})
 
@@ -211,13 +215,13 @@ def test_mmproj_of_a_modelopt_nvfp4_checkpoint_equals_llamacpp_converter(tmp_pat
     same file."""
     from gguf import GGUFReader, LlamaFileType
 
-    from nexlab.gguf_inspect import diff_gguf
-    from nexlab.synth import write_synth
+    from nexlab.artifacts.synth import write_synth
+    from nexlab.ggufio.inspector import diff_gguf
 
     ckpt = tmp_path / "synth"
     write_synth("tiny", ckpt, show_progress=False)
     ours, ref = tmp_path / "nexlab.gguf", tmp_path / "llamacpp.gguf"
-    MP.convert_mmproj(ckpt, ours, "f16", show_progress=False)
+    mmproj.convert_mmproj(ckpt, ours, "f16", show_progress=False)
     run_reference_converter(ckpt, ref, mmproj="f16")
     assert diff_gguf(ours, ref, skip_key_prefixes=DESCRIPTIVE) == []
     ft = GGUFReader(ours).fields["general.file_type"].contents()

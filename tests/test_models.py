@@ -12,31 +12,30 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from nexlab import models as M
-from nexlab.config import SPECIAL_TOKENS, tiny_config
-from nexlab.llamacpp import run_reference_converter
-
+from nexlab.artifacts import checkpoints as M
+from nexlab.artifacts import modelopt, slice
+from nexlab.artifacts import tiny as artifacts_tiny
+from nexlab.llamacpp.source import run_reference_converter
+from nexlab.model.config import SPECIAL_TOKENS, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     art = os.environ.get("NEXLAB_ARTIFACTS") or tmp_path_factory.mktemp("artifacts")
-    return M.ensure_tiny(art, smoke=True)
+    return artifacts_tiny.ensure_tiny(art, smoke=True)
 
 
 # --------------------------------------------------------------------------- tokenizer and text
 
 
 def test_tokenizer_specials_are_single_tokens_with_ids_0_to_4(tiny):
-    from nexlab.tokenizer import load_tokenizer
+    from nexlab.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny["tokenizer"])
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
@@ -49,7 +48,7 @@ def test_tokenizer_specials_are_single_tokens_with_ids_0_to_4(tiny):
 
 
 def test_tokenizer_round_trips_heldout_text_bytes(tiny):
-    from nexlab.tokenizer import load_tokenizer
+    from nexlab.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny["tokenizer"])
     text = tiny["heldout_text"].read_text(encoding="utf-8")[:20000] + "\n héllo wörld ∑ 😀\n"
@@ -59,7 +58,7 @@ def test_tokenizer_round_trips_heldout_text_bytes(tiny):
 
 
 def test_tokenizer_training_is_deterministic(tiny, tmp_path):
-    from nexlab.tokenizer import build_tokenizer_object
+    from nexlab.model.tokenizer import build_tokenizer_object
 
     a = build_tokenizer_object([tiny["calib_text"]], vocab_size=600).to_str()
     b = build_tokenizer_object([tiny["calib_text"]], vocab_size=600).to_str()
@@ -69,7 +68,7 @@ def test_tokenizer_training_is_deterministic(tiny, tmp_path):
 def test_tokenizer_pretokenizer_is_qwen35s_as_nex_n2_minis_so_llamacpp_splits_the_same(tiny):
     spec = json.loads((tiny["tokenizer"] / "tokenizer.json").read_text())
     pre = spec["pre_tokenizer"]["pretokenizers"]
-    from nexlab.tokenizer import QWEN35_SPLIT_PATTERN, pretokenizer_name
+    from nexlab.model.tokenizer import QWEN35_SPLIT_PATTERN, pretokenizer_name
 
     assert pre[0]["type"] == "Split" and pre[0]["pattern"]["Regex"] == QWEN35_SPLIT_PATTERN
     assert pre[1]["type"] == "ByteLevel" and pre[1]["use_regex"] is False
@@ -89,7 +88,7 @@ def test_text_splits_come_from_disjoint_files(tiny):
 
 
 def test_training_record_has_loss_curve_and_heldout_perplexity(tiny):
-    info = M.load_train_info(tiny["artifacts"])
+    info = artifacts_tiny.load_train_info(tiny["artifacts"])
     assert info["steps_done"] == len(info["losses"]) >= 1
     assert all(math.isfinite(l) for _, l in info["losses"])
     assert math.isclose(info["heldout_perplexity"], math.exp(info["heldout_loss"]), rel_tol=1e-9)
@@ -101,14 +100,14 @@ def test_training_record_has_loss_curve_and_heldout_perplexity(tiny):
 def test_ensure_tiny_reuses_a_complete_build(tiny):
     stamp = tiny["build_json"].stat().st_mtime_ns
     t = time.perf_counter()
-    again = M.ensure_tiny(tiny["artifacts"], smoke=True)
+    again = artifacts_tiny.ensure_tiny(tiny["artifacts"], smoke=True)
     assert time.perf_counter() - t < 5 and again == tiny
     assert tiny["build_json"].stat().st_mtime_ns == stamp
 
 
 def _with_qwen2_split(tokenizer_json: Path) -> None:
     """Turn a tiny tokenizer.json into what an earlier nexlab wrote (Qwen2's split regex)."""
-    from nexlab.tokenizer import QWEN2_SPLIT_PATTERN
+    from nexlab.model.tokenizer import QWEN2_SPLIT_PATTERN
 
     spec = json.loads(tokenizer_json.read_text())
     spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_SPLIT_PATTERN
@@ -118,41 +117,41 @@ def _with_qwen2_split(tokenizer_json: Path) -> None:
 def test_ensure_tiny_rebuilds_a_build_made_with_an_older_tokenizer(tiny, tmp_path):
     """A complete build from before the tiny tokenizer took Qwen3.5's pre-tokenizer (Qwen2's regex
     in tokenizer/ and in every checkpoint) is not reused: tokenizer and checkpoints are made again."""
-    from nexlab.tokenizer import pretokenizer_name
+    from nexlab.model.tokenizer import pretokenizer_name
 
     art = tmp_path / "art"
     shutil.copytree(tiny["artifacts"] / "text", art / "text")
     shutil.copytree(tiny["build_json"].parent, art / "tiny")
-    p = M.tiny_paths(art)
+    p = artifacts_tiny.tiny_paths(art)
     for k in ("tokenizer", "bf16", "nvfp4", "nvfp4_all"):
         _with_qwen2_split(p[k] / "tokenizer.json")
         assert pretokenizer_name(p[k]) == "qwen2"
-    assert not M.tokenizer_is_current(p["tokenizer"]) and not M._built_with_current_tokenizer(p)
+    assert not artifacts_tiny.tokenizer_is_current(p["tokenizer"]) and not artifacts_tiny._built_with_current_tokenizer(p)
     stamp = p["build_json"].stat().st_mtime_ns
 
-    assert M.ensure_tiny(art, smoke=True) == p
+    assert artifacts_tiny.ensure_tiny(art, smoke=True) == p
     assert p["build_json"].stat().st_mtime_ns != stamp
     want = (tiny["tokenizer"] / "tokenizer.json").read_bytes()  # training is deterministic
     for k in ("tokenizer", "bf16", "nvfp4", "nvfp4_all"):
         assert (p[k] / "tokenizer.json").read_bytes() == want, k
-    assert M.tokenizer_is_current(p["tokenizer"]) and M._built_with_current_tokenizer(p)
+    assert artifacts_tiny.tokenizer_is_current(p["tokenizer"]) and artifacts_tiny._built_with_current_tokenizer(p)
     # a tokenizer trained again after the build (ensure_text_and_tokenizer alone) makes it stale too
     _with_qwen2_split(p["bf16"] / "tokenizer.json")
-    assert M.tokenizer_is_current(p["tokenizer"]) and not M._built_with_current_tokenizer(p)
+    assert artifacts_tiny.tokenizer_is_current(p["tokenizer"]) and not artifacts_tiny._built_with_current_tokenizer(p)
 
 
 def test_ensure_slice_keeps_a_slice_but_gives_it_the_current_tiny_tokenizer(tiny, tmp_path):
-    from nexlab.config import SLICE_DEFAULT_VOCAB
+    from nexlab.model.config import SLICE_DEFAULT_VOCAB
 
     art = tmp_path / "art"
-    tok = M.tiny_paths(art)["tokenizer"]
+    tok = artifacts_tiny.tiny_paths(art)["tokenizer"]
     shutil.copytree(tiny["tokenizer"], tok)
     out = art / "slice" / "nvfp4"
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"text_config": {"vocab_size": SLICE_DEFAULT_VOCAB}}))
     (out / "model.safetensors.index.json").write_text("{}")  # a kept slice: write_slice is not called
     (out / "tokenizer.json").write_text("{}")  # an older tokenizer
-    assert M.ensure_slice(art, show_progress=False) == out
+    assert slice.ensure_slice(art, show_progress=False) == out
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (tok / name).read_bytes(), name
     assert (out / "model.safetensors.index.json").read_text() == "{}"
@@ -283,7 +282,7 @@ def test_nexlab_writer_gives_modelopt_bytes_for_the_tiny_model(tiny):
                         and (".experts." in k) == (kind == "experts")}
                 assert len(vals) == 1, f"layer {layer} {kind}.{proj}: ModelOpt input_scale not shared: {vals}"
                 ins[f"{kind}.{proj}"] = vals.pop()
-        mine = M.quantize_layer_modelopt(prefix, rel, cfg, input_scales=ins)
+        mine = modelopt.quantize_layer_modelopt(prefix, rel, cfg, input_scales=ins)
         theirs = {k: v for k, v in ref.items() if k.startswith(prefix)}
         assert set(mine) == set(theirs), f"layer {layer}: tensor names differ"
         for k, v in theirs.items():
@@ -301,7 +300,7 @@ def test_slice_writer_writes_modelopts_layout(tiny, tmp_path):
     hf_quant_config.json and quantization_config that ModelOpt's export wrote for the tiny
     model (vision tower aside: the slice carries none)."""
     cfg = json.loads((tiny["bf16"] / "config.json").read_text())
-    out = M.write_slice(tmp_path / "slice", cfg=cfg, tokenizer_dir=tiny["tokenizer"], show_progress=False)
+    out = slice.write_slice(tmp_path / "slice", cfg=cfg, tokenizer_dir=tiny["tokenizer"], show_progress=False)
     mine = {r["name"]: (r["dtype"], r["shape"]) for r in M.tensor_table(out)}
     ref = {r["name"]: (r["dtype"], r["shape"]) for r in M.tensor_table(tiny["nvfp4"]) if ".visual." not in r["name"]}
     assert mine == ref
@@ -343,9 +342,9 @@ def test_llamacpp_reference_converter_accepts_the_checkpoint(tiny, variant, tmp_
 def test_training_is_deterministic_given_the_seed(tiny):
     from transformers import Qwen3_5MoeForCausalLM
 
-    from nexlab.config import to_transformers
-    from nexlab.tokenizer import load_tokenizer
-    from nexlab.train import TrainSettings, tokenize_file, train_tiny
+    from nexlab.artifacts.train import TrainSettings, tokenize_file, train_tiny
+    from nexlab.model.config import to_transformers
+    from nexlab.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny["tokenizer"])
     ids = tokenize_file(tok, tiny["calib_text"])

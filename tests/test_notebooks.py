@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from nexlab import workbook
+from nexlab.workbook import runner as workbook
 
 NOTEBOOKS = workbook.list_notebooks()
 pytestmark = pytest.mark.notebook

@@ -9,7 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nexlab import formats, ggml_ref, numerics, nvfp4
+from nexlab.chapters import ch01 as numerics
+from nexlab.formats import metrics, mxfp4, nvfp4
+from nexlab.formats import minifloat as formats
+from nexlab.llamacpp import libggml as ggml_ref
 
 
 def test_explain_block_reports_the_bytes_modelopt_would_store():
@@ -44,7 +47,7 @@ def test_compare_formats_q4_k_error_equals_ggml_round_trip():
     got = numerics.compare_formats({"laplace": x})["laplace"]
     raw = np.frombuffer(ggml_ref.ggml_quantize_chunk("Q4_K", x, x.shape[0], x.shape[1]), np.uint8)
     ref = dequantize(raw.reshape(x.shape[0], -1), GGMLQuantizationType.Q4_K).reshape(x.shape)
-    assert got["Q4_K"]["rel_mse"] == nvfp4.relative_mse(x, ref)
+    assert got["Q4_K"]["rel_mse"] == metrics.relative_mse(x, ref)
     assert got["NVFP4"]["sqnr_db"] > got["MXFP4"]["sqnr_db"]
     assert set(got) == {"NVFP4", "MXFP4", "INT4-g16", "Q4_K"}
 
@@ -80,10 +83,10 @@ def test_e8m0_vs_e4m3_scales_are_what_the_quantizers_store():
     rng = np.random.default_rng(3)
     w = (rng.standard_t(3, size=(8, 128)) * 0.02).astype(np.float32)
     r = numerics.e8m0_vs_e4m3(w)
-    mx = nvfp4.quantize_mxfp4_ggml(w).reshape(8, 4, 17)
+    mx = mxfp4.quantize_mxfp4_ggml(w).reshape(8, 4, 17)
     q, s, ws2 = nvfp4.quantize_nvfp4_modelopt(w)
     assert np.array_equal(r["mx_byte"], mx[..., 0]) and np.array_equal(r["nv_byte"], s)
-    assert np.array_equal(r["mx_recon"], nvfp4.dequantize_mxfp4_ggml(mx.reshape(8, -1)))
+    assert np.array_equal(r["mx_recon"], mxfp4.dequantize_mxfp4_ggml(mx.reshape(8, -1)))
     assert np.array_equal(r["nv_recon"], nvfp4.dequantize_nvfp4_modelopt(q, s, ws2))
     # E8M0: a power of two putting the block max in [4, 8); E4M3 puts it within its rounding of 6
     assert np.all(np.log2(r["mx_scale"]) == np.round(np.log2(r["mx_scale"])))
@@ -92,8 +95,8 @@ def test_e8m0_vs_e4m3_scales_are_what_the_quantizers_store():
     # the reconstructions are codes on the E2M1 grid times the reported scales
     grid = set(formats.E2M1_VALUES.tolist())
     assert set(np.unique(r["mx_recon"].reshape(8, 4, 32) / r["mx_scale"][..., None]).tolist()) <= grid
-    assert np.isclose(r["mx_err"][2, 1], nvfp4.relative_mse(w[2, 32:64], r["mx_recon"][2, 32:64]), rtol=1e-9)
-    assert np.isclose(r["nv_err"][2, 1], nvfp4.relative_mse(w[2, 32:64], r["nv_recon"][2, 32:64]), rtol=1e-9)
+    assert np.isclose(r["mx_err"][2, 1], metrics.relative_mse(w[2, 32:64], r["mx_recon"][2, 32:64]), rtol=1e-9)
+    assert np.isclose(r["nv_err"][2, 1], metrics.relative_mse(w[2, 32:64], r["nv_recon"][2, 32:64]), rtol=1e-9)
 
 
 def test_e8m0_vs_e4m3_refuses_rows_that_are_not_whole_mxfp4_blocks():
@@ -122,7 +125,7 @@ def test_input_scale_scan_finds_a_graph_that_reads_the_activation_scale(tmp_path
 
 
 def test_llamacpp_loads_input_scale_but_no_graph_or_backend_reads_it():
-    from nexlab import llamacpp
+    from nexlab.llamacpp import source as llamacpp
 
     src = llamacpp.source_dir()
     if not (src / "src" / "llama-model.cpp").is_file():

@@ -15,12 +15,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
-
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
-from nexlab import formats as F
-from nexlab import ggml_ref
-from nexlab import nvfp4 as N
+
+from nexlab.analysis import speed
+from nexlab.formats import metrics, mxfp4
+from nexlab.formats import minifloat as F
+from nexlab.formats import nvfp4 as N
+from nexlab.llamacpp import libggml as ggml_ref
 
 RNG_SEED = 1234
 
@@ -182,7 +184,7 @@ def test_modelopt_round_trip_keeps_sqnr_above_floor():
     for kind, floor_db in [("gaussian", 18.0), ("student_t", 14.0)]:
         x = _case(kind, 64, 1024)
         q, s, g = N.quantize_nvfp4_modelopt(x)
-        assert N.sqnr_db(x, N.dequantize_nvfp4_modelopt(q, s, g)) > floor_db
+        assert metrics.sqnr_db(x, N.dequantize_nvfp4_modelopt(q, s, g)) > floor_db
 
 
 # --------------------------------------------------------------------------- ggml layout
@@ -287,10 +289,10 @@ def test_repack_refuses_columns_not_multiple_of_64():
 @pytest.mark.parametrize("kind", CASES + ["saturating"])
 def test_mxfp4_quantizer_and_dequantizer_are_bit_exact_with_libggml(kind):
     x = _ggml_case(kind)
-    ours = N.quantize_mxfp4_ggml(x)
+    ours = mxfp4.quantize_mxfp4_ggml(x)
     ref = ggml_ref.quantize_row_mxfp4_ref(x.reshape(-1))
     assert np.array_equal(ours.reshape(-1), ref)
-    deq = N.dequantize_mxfp4_ggml(ours)
+    deq = mxfp4.dequantize_mxfp4_ggml(ours)
     assert np.array_equal(bits(deq.reshape(-1)), bits(ggml_ref.dequantize_row_mxfp4(ref, x.size)))
     assert np.array_equal(bits(deq), bits(gguf_quants.dequantize(ours, GGMLQuantizationType.MXFP4)))
 
@@ -301,7 +303,7 @@ def test_mxfp4_block_exponent_matches_libggml_just_below_powers_of_two():
     x = np.zeros((amax.size, 32), np.float32)
     x[:, 7] = amax
     x[:, 8] = -amax / 3
-    assert np.array_equal(N.quantize_mxfp4_ggml(x).reshape(-1), ggml_ref.quantize_row_mxfp4_ref(x.reshape(-1)))
+    assert np.array_equal(mxfp4.quantize_mxfp4_ggml(x).reshape(-1), ggml_ref.quantize_row_mxfp4_ref(x.reshape(-1)))
 
 
 # --------------------------------------------------------------------------- INT4-g16 and metrics
@@ -309,9 +311,9 @@ def test_mxfp4_block_exponent_matches_libggml_just_below_powers_of_two():
 
 def test_int4_g16_levels_are_symmetric_and_error_is_at_most_half_a_step():
     x = _case("student_t", 16, 256)
-    q, scale = N.quantize_int4_g16(x)
+    q, scale = mxfp4.quantize_int4_g16(x)
     assert q.min() >= -7 and q.max() <= 7 and scale.dtype == np.float16
-    y = N.dequantize_int4_g16(q, scale)
+    y = mxfp4.dequantize_int4_g16(q, scale)
     step = scale.astype(np.float32).repeat(16, axis=-1).reshape(x.shape)
     # fp16 rounding of amax/7 may push amax just past 7 steps: allow that saturation
     assert np.all(np.abs(y - x) <= step * 0.5 + np.abs(x) * 2.0**-10 + 1e-30)
@@ -319,15 +321,15 @@ def test_int4_g16_levels_are_symmetric_and_error_is_at_most_half_a_step():
 
 def test_error_metrics_on_known_values():
     ref = np.array([3.0, 4.0], np.float32)
-    assert N.relative_mse(ref, ref) == 0 and N.sqnr_db(ref, ref) == float("inf")
-    assert N.relative_mse(ref, np.array([3.0, 3.0], np.float32)) == pytest.approx(1 / 25)
-    assert N.sqnr_db(ref, np.array([3.0, 3.0], np.float32)) == pytest.approx(10 * np.log10(25))
+    assert metrics.relative_mse(ref, ref) == 0 and metrics.sqnr_db(ref, ref) == float("inf")
+    assert metrics.relative_mse(ref, np.array([3.0, 3.0], np.float32)) == pytest.approx(1 / 25)
+    assert metrics.sqnr_db(ref, np.array([3.0, 3.0], np.float32)) == pytest.approx(10 * np.log10(25))
 
 
 def test_nvfp4_beats_mxfp4_and_int4_is_in_between_on_gaussian_weights():
     x = _case("gaussian", 64, 1024)
-    nv = N.sqnr_db(x, N.dequantize_nvfp4_modelopt(*N.quantize_nvfp4_modelopt(x)))
-    mx = N.sqnr_db(x, N.dequantize_mxfp4_ggml(N.quantize_mxfp4_ggml(x)))
+    nv = metrics.sqnr_db(x, N.dequantize_nvfp4_modelopt(*N.quantize_nvfp4_modelopt(x)))
+    mx = metrics.sqnr_db(x, mxfp4.dequantize_mxfp4_ggml(mxfp4.quantize_mxfp4_ggml(x)))
     assert nv > mx + 1.0
 
 
@@ -373,8 +375,8 @@ def test_ggml_ref_wrappers_refuse_wrong_lengths():
 QUANTIZERS = [
     (N.quantize_nvfp4_modelopt, 16),
     (N.quantize_nvfp4_ggml, 64),
-    (N.quantize_mxfp4_ggml, 32),
-    (N.quantize_int4_g16, 16),
+    (mxfp4.quantize_mxfp4_ggml, 32),
+    (mxfp4.quantize_int4_g16, 16),
 ]
 
 
@@ -434,7 +436,7 @@ def test_dequantizers_refuse_mismatched_shapes():
 
 def test_benchmark_ratios_are_nexlab_time_over_ggml_time():
     """The workbook's one benchmark convention (README): time nexlab / time reference, below 1 = nexlab faster."""
-    r = N.benchmark_vs_ggml(rows=4, cols=128, repeat=1)
+    r = speed.nvfp4_speed_vs_ggml(rows=4, cols=128, repeat=1)
     assert r["quantize_time_ratio"] == pytest.approx(r["nexlab_quantize_s"] / r["ggml_quantize_s"], rel=1e-12)
     assert r["dequantize_time_ratio"] == pytest.approx(r["nexlab_dequantize_s"] / r["ggml_dequantize_s"], rel=1e-12)
     assert sorted(k for k in r if "ratio" in k) == ["dequantize_time_ratio", "quantize_time_ratio"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from nexlab import params as P
-from nexlab import workbook
+from nexlab.workbook import params as P
+from nexlab.workbook import runner as workbook
 
 NOTEBOOKS = workbook.list_notebooks()
 

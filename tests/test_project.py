@@ -5,14 +5,15 @@ from __future__ import annotations
 import ast
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
+import tomllib
 
-from nexlab import results, workbook
+from nexlab.workbook import results
+from nexlab.workbook import runner as workbook
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = workbook.list_notebooks()
@@ -41,7 +42,8 @@ def _environment_pip_list(text: str) -> list[str]:
 
 
 def test_environment_yml_lists_the_same_packages_as_pyproject():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = project["dependencies"] + project["optional-dependencies"]["test"]
     env = _environment_pip_list((ROOT / "environment.yml").read_text())
     assert env, "environment.yml has no pip section"
     assert sorted(map(_norm, env)) == sorted(map(_norm, pyproject))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.special as scipy_special
 
-from nexlab import quality as Q
+from nexlab.analysis import quality as Q
 
 CHUNK = 64
 N_CHUNKS = 3
@@ -26,7 +26,7 @@ THREADS = 1  # 2 spinning llama.cpp threads on the 2 shared cores are ~10-40x sl
 
 
 def _artifacts() -> Path:
-    from nexlab.models import default_artifacts_dir
+    from nexlab.artifacts.checkpoints import default_artifacts_dir
 
     return Path(default_artifacts_dir())
 
@@ -34,8 +34,8 @@ def _artifacts() -> Path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Tokenizer dir, held-out tokens and the tiny NVFP4-BF16 / NVFP4-Q8_0 / NVFP4-Q4_K_M GGUFs."""
-    from nexlab import convert
-    from nexlab.models import ensure_tiny
+    from nexlab.artifacts.tiny import ensure_tiny
+    from nexlab.convert import text as convert
 
     paths = ensure_tiny(smoke=True)
     d = tmp_path_factory.mktemp("quality")
@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(tiny):
     return Q.evaluate_variants(tiny["files"], tiny["tokens"], reference="NVFP4-BF16", chunk_size=CHUNK,
-                               n_chunks=N_CHUNKS, n_threads=THREADS, progress=False)
+                               n_chunks=N_CHUNKS, n_threads=THREADS, show_progress=False)
 
 
 def _raw_logits(path, chunks) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_chunks_are_consecutive_token_windows():
 def test_kl_of_a_file_to_itself_is_exactly_zero(tiny):
     f = tiny["files"]["NVFP4-Q4_K_M"]
     r = Q.evaluate_variants({"a": f, "b": f}, tiny["tokens"], chunk_size=CHUNK, n_chunks=2, n_threads=THREADS,
-                            progress=False)
+                            show_progress=False)
     b = r.variants["b"]
     assert np.all(b.kl == 0.0)
     assert b.kl_max == 0.0 and b.top1_agreement == 1.0 and b.rms_dp == 0.0
@@ -157,7 +157,7 @@ def test_every_chunk_starts_from_an_empty_context(tiny):
 
 def test_score_from_scores_the_second_half_like_llama_perplexity(tiny, report):
     r = Q.evaluate_variants({"NVFP4-BF16": tiny["files"]["NVFP4-BF16"]}, tiny["tokens"], chunk_size=CHUNK,
-                            n_chunks=N_CHUNKS, score_from=CHUNK // 2, n_threads=THREADS, progress=False)
+                            n_chunks=N_CHUNKS, score_from=CHUNK // 2, n_threads=THREADS, show_progress=False)
     full = report.variants["NVFP4-BF16"].nll
     assert np.array_equal(r.variants["NVFP4-BF16"].nll, full[:, CHUNK // 2:])
 
@@ -176,7 +176,7 @@ def test_streamed_figures_equal_the_whole_array_computation_bit_for_bit(tiny, mo
     monkeypatch.setattr(Q, "_BLOCK_BYTES", 5 * 8 * n_vocab)
     assert len(Q._row_blocks(CHUNK - 1 - score_from, n_vocab)) > 2
     r = Q.evaluate_variants(tiny["files"], tiny["tokens"], reference="NVFP4-BF16", chunk_size=CHUNK,
-                            n_chunks=n_chunks, score_from=score_from, n_threads=THREADS, progress=False)
+                            n_chunks=n_chunks, score_from=score_from, n_threads=THREADS, show_progress=False)
     whole = {name: Q.gguf_logits(path, chunks, n_threads=THREADS) for name, path in tiny["files"].items()}
     ref_lp = Q.log_softmax(whole["NVFP4-BF16"][:, score_from:-1])
     for name, logits in whole.items():
@@ -204,7 +204,7 @@ def test_memory_does_not_grow_with_the_number_of_chunks(tiny):
         tracemalloc.start()
         try:
             Q.evaluate_variants(files, tiny["tokens"], chunk_size=CHUNK, n_chunks=n, n_threads=THREADS,
-                                progress=False)
+                                show_progress=False)
             return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -249,7 +249,7 @@ def test_perplexity_equals_llama_perplexity(tiny, tmp_path, label):
     for the CPU and moves the tiny model's perplexity by about 3e-4 relative (float rounding of a
     different attention kernel). It prints the running perplexity after each chunk with 4 decimals.
     """
-    from nexlab.llamacpp import tool_path
+    from nexlab.llamacpp.build import tool_path
 
     path, n_chunks = tiny["files"][label], 3
     text_file = tmp_path / "heldout.txt"
@@ -269,7 +269,7 @@ def test_perplexity_equals_llama_perplexity(tiny, tmp_path, label):
 
     ids = _llama_perplexity_ids(path, tiny["text"], n_chunks * CHUNK, CHUNK)
     r = Q.evaluate_variants({label: path}, ids, chunk_size=CHUNK, n_chunks=n_chunks, score_from=CHUNK // 2,
-                            n_threads=THREADS, progress=False)
+                            n_threads=THREADS, show_progress=False)
     v = r.variants[label]
     assert v.n_scored == n_chunks * (CHUNK - 1 - CHUNK // 2)  # llama-perplexity's count: n_ctx - 1 - n_ctx/2
     ours = [float(np.exp(v.nll[: i + 1].mean())) for i in range(n_chunks)]
@@ -284,20 +284,20 @@ def test_perplexity_equals_llama_perplexity(tiny, tmp_path, label):
 def test_missing_file_and_bad_reference_are_named(tiny, tmp_path):
     f = tiny["files"]["NVFP4-BF16"]
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
-        Q.evaluate_variants({"ref": f, "x": tmp_path / "nope.gguf"}, tiny["tokens"], progress=False)
+        Q.evaluate_variants({"ref": f, "x": tmp_path / "nope.gguf"}, tiny["tokens"], show_progress=False)
     (tmp_path / "bad.gguf").write_bytes(b"NOPE" + bytes(100))
     with pytest.raises(ValueError, match="bad.gguf is not a GGUF"):
-        Q.evaluate_variants({"ref": f, "x": tmp_path / "bad.gguf"}, tiny["tokens"], progress=False)
+        Q.evaluate_variants({"ref": f, "x": tmp_path / "bad.gguf"}, tiny["tokens"], show_progress=False)
     with pytest.raises(ValueError, match="reference 'zzz' is not one of the files"):
-        Q.evaluate_variants({"ref": f}, tiny["tokens"], reference="zzz", progress=False)
+        Q.evaluate_variants({"ref": f}, tiny["tokens"], reference="zzz", show_progress=False)
     with pytest.raises(ValueError, match="no GGUF files"):
-        Q.evaluate_variants({}, tiny["tokens"], progress=False)
+        Q.evaluate_variants({}, tiny["tokens"], show_progress=False)
 
 
 def test_too_few_tokens_and_bad_chunking_are_refused(tiny):
     f = {"ref": tiny["files"]["NVFP4-BF16"]}
     with pytest.raises(ValueError, match="too few tokens: 10 tokens do not fill one chunk of 64"):
-        Q.evaluate_variants(f, tiny["tokens"][:10], chunk_size=64, progress=False)
+        Q.evaluate_variants(f, tiny["tokens"][:10], chunk_size=64, show_progress=False)
     with pytest.raises(ValueError, match="too few tokens: 5 chunks of 64 need 320"):
         Q.chunk_tokens(np.arange(300), 64, 5)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 2"):
@@ -307,17 +307,17 @@ def test_too_few_tokens_and_bad_chunking_are_refused(tiny):
     with pytest.raises(TypeError, match="integer ids"):
         Q.chunk_tokens(np.ones(8, np.float32), 2)
     with pytest.raises(ValueError, match="score_from must be in"):
-        Q.evaluate_variants(f, tiny["tokens"], chunk_size=64, n_chunks=1, score_from=63, progress=False)
+        Q.evaluate_variants(f, tiny["tokens"], chunk_size=64, n_chunks=1, score_from=63, show_progress=False)
 
 
 def test_token_outside_the_vocabulary_is_refused_before_llama_runs(tiny):
     bad = np.full(64, 10**6, np.int32)
     with pytest.raises(ValueError, match="outside the vocabulary .*tokenizer and model do not match"):
-        Q.evaluate_variants({"ref": tiny["files"]["NVFP4-BF16"]}, bad, chunk_size=64, progress=False)
+        Q.evaluate_variants({"ref": tiny["files"]["NVFP4-BF16"]}, bad, chunk_size=64, show_progress=False)
 
 
 def test_files_with_different_vocabularies_are_refused_before_llama_runs(tiny, monkeypatch):
-    real_open = Q.open_gguf
+    real_open = Q.open_model
 
     class OneTokenShort:
         def __init__(self, llm):
@@ -336,12 +336,12 @@ def test_files_with_different_vocabularies_are_refused_before_llama_runs(tiny, m
         llm = real_open(path, n_ctx, **kw)
         return OneTokenShort(llm) if path == tiny["files"]["NVFP4-Q8_0"] else llm
 
-    monkeypatch.setattr(Q, "open_gguf", open_short)
+    monkeypatch.setattr(Q, "open_model", open_short)
     files = {k: tiny["files"][k] for k in ("NVFP4-BF16", "NVFP4-Q8_0")}
     with pytest.raises(ValueError, match=r"vocabulary sizes differ: reference .*BF16.gguf has \d+ tokens, "
                                          r".*Q8_0.gguf has \d+"):
         Q.evaluate_variants(files, tiny["tokens"], chunk_size=CHUNK, n_chunks=1, n_threads=THREADS,
-                            progress=False)
+                            show_progress=False)
 
 
 def test_non_finite_logits_are_refused():
@@ -361,7 +361,7 @@ def test_missing_text_file_is_named(tmp_path, tiny):
 
 
 def test_importance_concentration_of_known_profiles():
-    from nexlab import imatrix as IM
+    from nexlab.ggufio import imatrix_file as IM
 
     ne0 = 200
     flat = np.full((1, ne0), 3.0, np.float32)
@@ -387,7 +387,7 @@ def test_importance_concentration_of_known_profiles():
 def test_bytes_by_type_equals_the_tensor_bytes_gguf_py_reads(tiny):
     import gguf
 
-    from nexlab import quantize as QZ
+    from nexlab.model import mixes as QZ
 
     src = gguf.GGUFReader(str(tiny["files"]["NVFP4-BF16"]))
     triples = [(t.name, tuple(int(s) for s in reversed(t.shape)), t.tensor_type.name) for t in src.tensors]

@@ -12,14 +12,15 @@ from __future__ import annotations
 import ctypes
 import re
 
-import numpy as np
-import pytest
-
 import gguf
 import llama_cpp
+import numpy as np
+import pytest
 import torch
-from nexlab import formats as F
-from nexlab import quantize as Q
+
+from nexlab.formats import minifloat as F
+from nexlab.formats import registry
+from nexlab.model import mixes as Q
 
 FTYPES = {"q4_k_m": 15, "q8_0": 7}
 GGML_NVFP4 = 40
@@ -173,20 +174,20 @@ def check_against_llama(src, values, out, variant, n_layer, imatrix=None, n_expe
     n_bytes_checked = 0
     for t in r_out.tensors:
         plan = plans[t.name]
-        assert t.tensor_type.name == plan.target_type, f"{t.name}: llama.cpp {t.tensor_type.name}, nexlab {plan.target_type}"
+        assert t.tensor_type.name == plan.ggml_type, f"{t.name}: llama.cpp {t.tensor_type.name}, nexlab {plan.ggml_type}"
         got = np.asarray(t.data).tobytes()
         if plan.copy:
             assert got == src_bytes[t.name], t.name
             continue
-        if plan.target_type not in ("Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"):
+        if plan.ggml_type not in ("Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"):
             continue  # Q5_0 / Q5_1 fallbacks: type checked only (nexlab does not implement them)
         x = values[t.name].reshape(plan.shape)
         ne0 = plan.shape[-1]
         im = None
-        if imatrix is not None and t.name in imatrix and plan.target_type != "F16":
+        if imatrix is not None and t.name in imatrix and plan.ggml_type != "F16":
             im = imatrix[t.name].reshape(-1, ne0)  # one row per expert for stacked tensors
-        ours = Q.quantize_tensor(x, plan.target_type, im, name=t.name).tobytes()
-        assert ours == got, f"{t.name} ({plan.target_type}): bytes differ from llama.cpp"
+        ours = registry.quantize_tensor(x, plan.ggml_type, im, name=t.name).tobytes()
+        assert ours == got, f"{t.name} ({plan.ggml_type}): bytes differ from llama.cpp"
         n_bytes_checked += 1
     assert n_bytes_checked > 0
 
@@ -250,7 +251,7 @@ def test_40_layer_rules_match_llama_model_quantize(tmp_path):
     build_gguf(src, 40, experts=False, seed=4)
     out = tmp_path / "deep-q4_k_m.gguf"
     run_llama_quantize(src, out, "q4_k_m")
-    plans = {p.name: p.target_type for p in Q.plan_types(source_triples(src), "q4_k_m", 40, n_expert=16)}
+    plans = {p.name: p.ggml_type for p in Q.plan_types(source_triples(src), "q4_k_m", 40, n_expert=16)}
     got = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert got == plans
     more = [i for i in range(40) if Q.use_more_bits(i, 40)]
@@ -269,11 +270,11 @@ def test_choose_type_documented_rules():
     assert Q.choose_type("output.weight", (248320, 2048), "q4_k_m", **kw) == "Q6_K"
     assert Q.choose_type("token_embd.weight", (248320, 2048), "q4_k_m", **kw) == "Q4_K"
     assert Q.choose_type("blk.5.ssm_out.weight", (2048, 4096), "q4_k_m", **kw) == "Q4_K"
-    assert Q.choose_type("blk.3.ffn_gate_exps.weight", (256, 512, 2048), "q4_k_m", source_type="NVFP4", **kw) == "NVFP4"
-    assert Q.choose_type("blk.3.ffn_down_shexp.weight", (2048, 512), "q8_0", source_type="NVFP4", **kw) == "NVFP4"
-    assert Q.choose_type("blk.3.ffn_gate_exps.scale", (256,), "q4_k_m", source_type="F32", **kw) == "F32"
-    assert Q.choose_type("blk.0.ssm_conv1d.weight", (8192, 4), "q8_0", source_type="F32", **kw) == "F32"
-    assert Q.choose_type("blk.0.ffn_gate_inp.weight", (256, 2048), "q8_0", source_type="F32", **kw) == "F32"
+    assert Q.choose_type("blk.3.ffn_gate_exps.weight", (256, 512, 2048), "q4_k_m", source_ggml_type="NVFP4", **kw) == "NVFP4"
+    assert Q.choose_type("blk.3.ffn_down_shexp.weight", (2048, 512), "q8_0", source_ggml_type="NVFP4", **kw) == "NVFP4"
+    assert Q.choose_type("blk.3.ffn_gate_exps.scale", (256,), "q4_k_m", source_ggml_type="F32", **kw) == "F32"
+    assert Q.choose_type("blk.0.ssm_conv1d.weight", (8192, 4), "q8_0", source_ggml_type="F32", **kw) == "F32"
+    assert Q.choose_type("blk.0.ffn_gate_inp.weight", (256, 2048), "q8_0", source_ggml_type="F32", **kw) == "F32"
     assert Q.choose_type("blk.0.ffn_gate_inp_shexp.weight", (1, 2048), "q8_0", **kw) == "BF16"  # 1 ggml dim
     assert Q.choose_type("blk.0.attn_qkv.weight", (8192, 2048), "bf16", **kw) == "BF16"
     assert Q.choose_type("output.weight", (248320, 2048), "q8_0", **kw) == "Q8_0"
@@ -311,9 +312,11 @@ def test_tiny_model_variants_equal_llama_model_quantize(tmp_path):
     every tensor's type and bytes equal nexlab's plan and quantizer."""
     from tokenizers import Tokenizer
 
-    from nexlab import convert, reference
-    from nexlab import imatrix as IM
-    from nexlab.models import ensure_tiny
+    from nexlab.analysis import imatrix as analysis_imatrix
+    from nexlab.analysis import reference
+    from nexlab.artifacts.tiny import ensure_tiny
+    from nexlab.convert import text as convert
+    from nexlab.ggufio import imatrix_file as IM
 
     tiny = ensure_tiny(smoke=True)  # the notebooks' artifacts when there, else built here (seconds)
     ckpt, calib = tiny["nvfp4"], tiny["calib_text"]
@@ -322,8 +325,8 @@ def test_tiny_model_variants_equal_llama_model_quantize(tmp_path):
     convert.convert_checkpoint(ckpt, src, variant="bf16", show_progress=False)
     tok = next(p for p in (ckpt / "tokenizer.json", ckpt.parent / "tokenizer" / "tokenizer.json") if p.exists())
     ids = Tokenizer.from_file(str(tok)).encode(calib.read_text(encoding="utf-8")[:20000]).ids
-    im = IM.collect_imatrix(reference.build_hf_model(ckpt), ids, chunk_size=128, n_chunks=2, dataset=str(calib),
-                            progress=False)
+    im = analysis_imatrix.collect_imatrix(reference.build_hf_model(ckpt), ids, chunk_size=128, n_chunks=2, dataset=str(calib),
+                            show_progress=False)
     weights = IM.quantize_weights(IM.read_imatrix(IM.write_imatrix(tmp_path / "tiny.imatrix.gguf", im)))
     r = gguf.GGUFReader(str(src))
     n_layer = int(r.fields["qwen35moe.block_count"].parts[-1][0])

@@ -16,9 +16,10 @@ import gguf
 import numpy as np
 import pytest
 
-from nexlab import convert as cv
-from nexlab import qwen35moe as Q
-from nexlab.models import ensure_tiny
+from nexlab.artifacts.tiny import ensure_tiny
+from nexlab.convert import text as cv
+from nexlab.model import hparams
+from nexlab.model import qwen35moe as Q
 
 VARIANTS = ("bf16", "q8_0", "q4_k_m")
 PKG = Path(__file__).resolve().parent.parent / "nexlab"
@@ -42,33 +43,33 @@ def test_predicted_size_equals_written_file(tiny_files, variant):
 def test_plan_from_config_alone_equals_written_tensors(tiny_files, variant):
     """Names, types, shapes and order of the file from config.json alone (no weights read)."""
     ckpt, files = tiny_files
-    hp = Q.hparams_from_hf_config(json.loads((Path(ckpt) / "config.json").read_text()))
+    hp = hparams.hparams_from_hf_config(json.loads((Path(ckpt) / "config.json").read_text()))
     plan = Q.tensor_plan(hp, variant, nvfp4="mlp")
     got = [(t.name, gguf.GGMLQuantizationType(int(t.tensor_type)), tuple(int(x) for x in reversed(t.shape)))
            for t in gguf.GGUFReader(str(files[variant])).tensors]
-    assert [(t.name, t.qtype, t.shape) for t in plan] == got
+    assert [(t.name, t.ggml_type, t.shape) for t in plan] == got
 
 
 def test_hparams_read_back_from_the_written_file(tiny_files):
     ckpt, files = tiny_files
-    want = Q.hparams_from_hf_config(json.loads((Path(ckpt) / "config.json").read_text()))
-    got = Q.hparams_from_gguf(files["bf16"])
+    want = hparams.hparams_from_hf_config(json.loads((Path(ckpt) / "config.json").read_text()))
+    got = hparams.hparams_from_gguf(files["bf16"])
     f32 = lambda x: float(np.float32(x))  # noqa: E731  (GGUF stores floats as float32)
     assert got == Q.replace(want, name=got.name, rms_eps=f32(want.rms_eps), rope_theta=f32(want.rope_theta))
 
 
 def test_real_plan_counts_match_the_model_card_arithmetic():
     """Nex-N2-mini: 40 layers x 3 stacked expert tensors of 256 experts, 32.21 B routed parameters."""
-    hp = Q.nex_n2_mini()
+    hp = hparams.nex_n2_mini()
     plan = Q.tensor_plan(hp, "bf16")
     exps = [t for t in plan if t.name.endswith("_exps.weight")]
-    assert len(exps) == 120 and all(t.qtype == Q.QT.NVFP4 for t in exps)
+    assert len(exps) == 120 and all(t.ggml_type == Q.QT.NVFP4 for t in exps)
     assert sum(t.shape[0] * t.shape[1] * t.shape[2] for t in exps) == 40 * 256 * 3 * 512 * 2048
     assert len({t.name for t in plan}) == len(plan)
 
 
 def test_unknown_variant_and_scope_are_refused():
-    hp = Q.nex_n2_mini()
+    hp = hparams.nex_n2_mini()
     with pytest.raises(ValueError, match="variant"):
         Q.tensor_plan(hp, "q2_k")
     with pytest.raises(ValueError, match="scope"):
@@ -76,25 +77,28 @@ def test_unknown_variant_and_scope_are_refused():
 
 
 def _nexlab_imports(path: Path) -> set[str]:
-    """Every nexlab module a file imports, at top level or inside functions (relative imports too)."""
+    """Every nexlab module a file imports, at top level or inside functions (``from nexlab.x import y``
+    names module ``nexlab.x.y`` when that is a module, else ``nexlab.x``)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("nexlab")}
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level:
-                mod = "nexlab." + mod if mod else "nexlab"
-            if mod == "nexlab":
-                out |= {f"nexlab.{a.name}" for a in node.names}
-            elif mod.startswith("nexlab."):
-                out.add(mod)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nexlab"):
+            assert node.level == 0, f"{path}: relative import"
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
     return out
 
 
+def _module_name(p: Path) -> str:
+    parts = p.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def test_no_import_cycles_in_nexlab():
-    mods = {f"nexlab.{p.stem}": p for p in PKG.glob("*.py") if p.stem != "__init__"}
-    graph = {m: sorted(d for d in _nexlab_imports(p) if d in mods and d != m) for m, p in mods.items()}
+    mods = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {m: sorted(d for d in _nexlab_imports(p) if d in mods and d != m and not m.startswith(d + "."))
+             for m, p in mods.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -112,4 +116,4 @@ def test_no_import_cycles_in_nexlab():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert graph["nexlab.qwen35moe"] and "nexlab.convert" not in graph["nexlab.imatrix"]
+    assert graph["nexlab.model.qwen35moe"] and not any(d.startswith("nexlab.convert") for d in graph["nexlab.analysis.imatrix"])

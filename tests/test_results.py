@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nexlab.results import markdown_table
+from nexlab.core.text import markdown_table
 
 
 def test_markdown_table_layout_header_rule_and_one_line_per_row():

@@ -21,10 +21,10 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
-from nexlab import qwen35moe as Q
-from nexlab import roofline as R
+from nexlab.analysis import roofline as R
 from nexlab.cli import main
+from nexlab.model import hparams as Q
+from nexlab.model import qwen35moe
 
 BATCHES = (1, 4, 16)
 
@@ -57,7 +57,7 @@ def _independent_weight_bytes(rows, n: int, k: int, b: int) -> float:
 # ------------------------------------------------------------------ weight bytes
 
 
-def test_weight_bytes_read_match_gguf_tensor_table(nexlab_gguf):  # noqa: F811
+def test_weight_bytes_read_match_gguf_tensor_table(nexlab_gguf):
     path = nexlab_gguf("nvfp4")
     r = gguf.GGUFReader(str(path))
     n = int(r.get_field("qwen35moe.expert_count").contents())
@@ -75,7 +75,7 @@ def test_weight_bytes_read_match_gguf_tensor_table(nexlab_gguf):  # noqa: F811
 
 def test_weight_bytes_read_match_full_size_plan():
     hp = Q.nex_n2_mini()
-    plan = Q.tensor_plan(hp, "q4_k_m")
+    plan = qwen35moe.tensor_plan(hp, "q4_k_m")
 
     def nbytes(t):  # from gguf-py's block table, not TensorSpec.nbytes
         bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(t.ggml_type))]
@@ -111,7 +111,7 @@ def test_expected_experts_matches_monte_carlo(n, k):
 
 
 def test_cache_bytes_and_flops_for_nex_n2_mini():
-    from nexlab.config import parameter_counts, real_config
+    from nexlab.model.config import parameter_counts, real_config
 
     hp = Q.nex_n2_mini()
     N, b = 4096, 4
@@ -168,7 +168,7 @@ def test_compute_roof_takes_over_at_high_arithmetic_intensity():
 # ------------------------------------------------------------------ CLI and bad inputs
 
 
-def test_cli_json_matches_api(capsys, nexlab_gguf):  # noqa: F811
+def test_cli_json_matches_api(capsys, nexlab_gguf):
     path = nexlab_gguf("nvfp4")
     assert main(["roofline", str(path), "--batch", "1,4,16", "--ctx", "512", "--json", "--device", "B200",
                  "--bandwidth", "20"]) == 0
@@ -189,7 +189,7 @@ def _cli_error(capsys, argv) -> str:
     return err
 
 
-def test_bad_inputs(capsys, tmp_path, nexlab_gguf):  # noqa: F811
+def test_bad_inputs(capsys, tmp_path, nexlab_gguf):
     path = nexlab_gguf("nvfp4")
     with pytest.raises(ValueError, match="batch"):
         R.roofline(path, [0])
@@ -223,11 +223,11 @@ ROUTING_BATCHES = [1, 8, 64, 128]
 
 
 @pytest.fixture(scope="module")
-def routing(tiny):  # noqa: F811
+def routing(tiny):
     """128 positions (4 chunks of 32, each after 32 tokens of context): the pure-torch linear
     attention makes the reference forward the slow part; one model serves both tests."""
-    from nexlab.quality import tokenize_text
-    from nexlab.reference import build_hf_model
+    from nexlab.analysis.quality import tokenize_text
+    from nexlab.analysis.reference import build_hf_model
 
     ids = tokenize_text(Path(tiny["heldout_text"]), tiny["tokenizer"])
     model = build_hf_model(tiny["nvfp4"])
@@ -265,7 +265,7 @@ def test_distinct_experts_counts(routing):
     assert np.allclose(res["expert_load"].sum(axis=1), k)
 
 
-def test_distinct_experts_bad_inputs(tiny):  # noqa: F811
+def test_distinct_experts_bad_inputs(tiny):
     ids = np.arange(1000, dtype=np.int64) % 100
     with pytest.raises(ValueError, match="batch"):
         R.distinct_experts_per_layer(tiny["nvfp4"], ids, batch_sizes=[0])

@@ -9,17 +9,16 @@ choices ``4over6`` and ``search`` make; llama.cpp (llama-cpp-python) loads and r
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-import gguf
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
-from nexlab import scales as S
-from nexlab.checkpoint import Checkpoint
 from nexlab.cli import main
-from nexlab.convert import convert_checkpoint
-from nexlab.formats import E4M3_VALUES
+from nexlab.convert.text import convert_checkpoint
+from nexlab.formats import scales as S
+from nexlab.formats.minifloat import E4M3_VALUES
+from nexlab.model.checkpoint import Checkpoint
 
 LAYER = 1
 
@@ -29,13 +28,13 @@ def _bf16(ck: Checkpoint, module: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cks(tiny):  # noqa: F811
+def cks(tiny):
     with Checkpoint(tiny["bf16"]) as bf, Checkpoint(tiny["nvfp4"]) as mo:
         yield bf, mo
 
 
 @pytest.fixture(scope="module")
-def files(tiny, tmp_path_factory):  # noqa: F811
+def files(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("scales")
     out = {}
     for m in S.METHODS:
@@ -49,7 +48,7 @@ def _modelopt(mo: Checkpoint, module: str) -> tuple[np.ndarray, np.ndarray, floa
             float(mo.load(module + ".weight_scale_2")))
 
 
-def test_max_is_modelopts_export_for_every_expert_module(cks, tiny):  # noqa: F811
+def test_max_is_modelopts_export_for_every_expert_module(cks, tiny):
     """Gate and up of each expert share ModelOpt's tensor scale (amax over both / 2688); down has its own."""
     bf, mo = cks
     n_layers = bf.config["num_hidden_layers"]
@@ -65,7 +64,7 @@ def test_max_is_modelopts_export_for_every_expert_module(cks, tiny):  # noqa: F8
                 assert float(q.weight_scale_2) == s2, base + proj
 
 
-def test_max_file_equals_the_gguf_of_modelopts_export(files, nexlab_gguf):  # noqa: F811
+def test_max_file_equals_the_gguf_of_modelopts_export(files, nexlab_gguf):
     """Every tensor of the --experts nvfp4 --nvfp4-scales max file equals the one converted from ModelOpt's
     checkpoint; that file has the .input_scale sidecars of ModelOpt's activation calibration in addition."""
     ours = {t.name: t for t in gguf.GGUFReader(files["max"]).tensors}
@@ -88,7 +87,7 @@ def test_every_rule_writes_the_same_layout(files):
 
 
 def test_llama_cpp_runs_every_rule(files):
-    from nexlab.llamacpp import open_model
+    from nexlab.llamacpp.runtime import open_model
 
     for m, f in files.items():
         llm = open_model(f, n_ctx=64)
@@ -198,7 +197,7 @@ def test_bad_input_is_refused_with_the_tensor_named(bad, words):
     assert "blk.0.ffn_up_exps" in str(e.value) or "method" in words
 
 
-def test_cli_refuses_scales_without_experts_and_an_nvfp4_checkpoint(tiny, tmp_path, capsys):  # noqa: F811
+def test_cli_refuses_scales_without_experts_and_an_nvfp4_checkpoint(tiny, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     assert main(["convert", str(tiny["bf16"]), "-o", str(out), "--nvfp4-scales", "search"]) == 1
     assert "needs --experts nvfp4" in capsys.readouterr().err

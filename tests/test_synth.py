@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from nexlab import synth
-from nexlab.checkpoint import Checkpoint, e4m3_bytes_nan_mask, validate_checkpoint
-from nexlab.config import parameter_counts, real_config, slice_config
-from nexlab.convert import convert_checkpoint, predict_file_size
-from nexlab.models import ensure_text_and_tokenizer
+from nexlab.artifacts import synth
+from nexlab.artifacts.tiny import ensure_text_and_tokenizer
+from nexlab.convert.text import convert_checkpoint, predict_file_size
+from nexlab.model.checkpoint import Checkpoint, e4m3_bytes_nan_mask, validate_checkpoint
+from nexlab.model.config import parameter_counts, real_config, slice_config
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_real_plan_names_and_types():
 
 
 def test_tiny_synth_converts_and_llama_cpp_runs_it(tiny_synth, tmp_path):
-    from nexlab.llamacpp import open_model
+    from nexlab.llamacpp.runtime import open_model
 
     with Checkpoint(tiny_synth.path) as ck:
         validate_checkpoint(ck)  # raises on any missing / malformed tensor

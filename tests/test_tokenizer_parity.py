@@ -15,14 +15,20 @@ import re
 import shutil
 
 import pytest
-from conftest_convert import nexlab_gguf, tiny  # noqa: F401  (fixtures)
 
-from nexlab import convert as cv
+from nexlab.artifacts.corpus import train_tokenizer
 from nexlab.cli import main as nexlab_main
-from nexlab.gguf_inspect import inspect_gguf
-from nexlab.llamacpp import llamacpp_source, run_reference_converter
-from nexlab.tokenizer import (PRETOKENIZERS, QWEN2_SPLIT_PATTERN, QWEN35_SPLIT_PATTERN, TINY_PRETOKENIZER,
-                              load_tokenizer, pretokenizer_name, train_tokenizer)
+from nexlab.convert import text as cv
+from nexlab.ggufio.inspector import inspect_gguf
+from nexlab.llamacpp.source import llamacpp_source, run_reference_converter
+from nexlab.model.tokenizer import (
+    PRETOKENIZERS,
+    QWEN2_SPLIT_PATTERN,
+    QWEN35_SPLIT_PATTERN,
+    TINY_PRETOKENIZER,
+    load_tokenizer,
+    pretokenizer_name,
+)
 
 TRAIN_TEXT = """\
 नमस्ते दुनिया! यह एक छोटा सा परीक्षण है। हिन्दी भाषा में मात्राएँ अक्षरों के साथ जुड़ती हैं। भारत की राजधानी नई दिल्ली है।
@@ -176,7 +182,7 @@ def test_tokenizer_pre_overrides_detection_and_must_look_like_a_name(trained, tm
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_cli_refuses_an_unknown_pretokenizer_in_one_line_and_takes_tokenizer_pre(tiny, tmp_path, capsys):  # noqa: F811
+def test_cli_refuses_an_unknown_pretokenizer_in_one_line_and_takes_tokenizer_pre(tiny, tmp_path, capsys):
     bad = _with_pre_tokenizer(tiny["tokenizer"], tmp_path / "tok", UNKNOWN_PRE_TOKENIZERS["other_split_regex"])
     out = tmp_path / "tiny.gguf"
     args = ["convert", str(tiny["bf16"]), "-o", str(out), "--tokenizer-dir", str(bad), "-q"]
@@ -191,7 +197,7 @@ def test_cli_refuses_an_unknown_pretokenizer_in_one_line_and_takes_tokenizer_pre
 # --------------------------------------------------------------------------- the tiny model, end to end
 
 
-def test_tiny_gguf_names_qwen35_and_llamacpp_tokenizes_like_its_tokenizer(tiny, nexlab_gguf):  # noqa: F811
+def test_tiny_gguf_names_qwen35_and_llamacpp_tokenizes_like_its_tokenizer(tiny, nexlab_gguf):
     assert TINY_PRETOKENIZER == "qwen35" and pretokenizer_name(tiny["tokenizer"]) == "qwen35"
     path = nexlab_gguf("bf16")
     assert _pre(path) == "qwen35"
@@ -202,7 +208,7 @@ def test_tiny_gguf_names_qwen35_and_llamacpp_tokenizes_like_its_tokenizer(tiny, 
         hf(code, add_special_tokens=False)["input_ids"]
 
 
-def test_reference_converter_writes_the_same_vocabulary_given_the_name(tiny, nexlab_gguf, tmp_path):  # noqa: F811
+def test_reference_converter_writes_the_same_vocabulary_given_the_name(tiny, nexlab_gguf, tmp_path):
     """llama.cpp's converter (--vocab-only) cannot name a self-made tokenizer's pre-tokenizer (it
     hashes the tokens of a test string); given ``qwen35`` it writes every tokenizer key as nexlab
     does, except the chat template (nexlab writes its own fixed one by default)."""

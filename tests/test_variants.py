@@ -27,7 +27,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_quantize import run_llama_quantize  # noqa: E402
 
-from nexlab import imatrix as IM  # noqa: E402
+from nexlab.analysis import imatrix
+from nexlab.ggufio import imatrix_file as IM  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,9 @@ def proof(tmp_path_factory):
     """The tiny NVFP4 checkpoint, nexlab's NVFP4-BF16 GGUF of it, and an imatrix collected on calib text."""
     from tokenizers import Tokenizer
 
-    from nexlab import convert, reference
-    from nexlab.models import ensure_tiny
+    from nexlab.analysis import reference
+    from nexlab.artifacts.tiny import ensure_tiny
+    from nexlab.convert import text as convert
 
     p = ensure_tiny(smoke=True)
     d = tmp_path_factory.mktemp("variants")
@@ -46,15 +48,15 @@ def proof(tmp_path_factory):
     convert.convert_checkpoint(p["nvfp4"], src, variant="bf16", show_progress=False)
     ids = Tokenizer.from_file(str(p["tokenizer"] / "tokenizer.json")).encode(
         p["calib_text"].read_text(encoding="utf-8")[:20000]).ids
-    im = IM.collect_imatrix(reference.build_hf_model(p["nvfp4"]), ids, chunk_size=128, n_chunks=2,
-                            dataset="calib.txt", progress=False)
+    im = imatrix.collect_imatrix(reference.build_hf_model(p["nvfp4"]), ids, chunk_size=128, n_chunks=2,
+                            dataset="calib.txt", show_progress=False)
     imf = IM.write_imatrix(d / "tiny.imatrix.gguf", im)
     return {"dir": d, "ckpt": p["nvfp4"], "src": src, "imatrix": Path(imf), "cache": {}}
 
 
 def _pair(proof, variant: str, with_imatrix: bool):
     """(nexlab's file, llama.cpp's file) for one variant, made once per module."""
-    from nexlab import convert
+    from nexlab.convert import text as convert
 
     key = (variant, with_imatrix)
     if key not in proof["cache"]:
@@ -188,7 +190,7 @@ def _files_in(d: Path) -> set[str]:
 
 
 def test_imatrix_missing_a_tensor_falls_back_like_llama_and_says_so(proof, tmp_path, capfd, caplog, recwarn):
-    from nexlab import convert
+    from nexlab.convert import text as convert
 
     name = "blk.0.attn_qkv.weight"
     imf = _edited_imatrix(proof, tmp_path / "missing.imatrix.gguf", lambda e: e.pop(name))
@@ -208,7 +210,7 @@ def test_imatrix_missing_a_tensor_falls_back_like_llama_and_says_so(proof, tmp_p
 
 
 def test_imatrix_of_the_wrong_length_is_refused_by_both(proof, tmp_path):
-    from nexlab import convert
+    from nexlab.convert import text as convert
 
     name = "blk.0.attn_qkv.weight"
 
@@ -228,7 +230,7 @@ def test_imatrix_of_the_wrong_length_is_refused_by_both(proof, tmp_path):
 
 
 def test_imatrix_with_wrong_expert_count_is_refused(proof, tmp_path):
-    from nexlab import convert
+    from nexlab.convert import text as convert
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -246,7 +248,7 @@ def test_imatrix_with_wrong_expert_count_is_refused(proof, tmp_path):
 
 
 def test_imatrix_with_non_finite_values_is_refused(proof, tmp_path):
-    from nexlab import convert
+    from nexlab.convert import text as convert
 
     im = IM.read_imatrix(proof["imatrix"])
     w = gguf.GGUFWriter(str(tmp_path / "nan.imatrix.gguf"), "imatrix")
@@ -274,7 +276,7 @@ def test_imatrix_with_non_finite_values_is_refused(proof, tmp_path):
 
 
 def test_missing_imatrix_file_is_named(proof, tmp_path):
-    from nexlab import convert
+    from nexlab.convert import text as convert
 
     with pytest.raises(FileNotFoundError, match="nope.imatrix.gguf"):
         convert.convert_checkpoint(proof["ckpt"], tmp_path / "x.gguf", variant="q4_k_m",
