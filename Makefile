@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/nexlab setup
 	touch $(STAMP)
 
-# llama.cpp's tools (nexlab.llamacpp.TOOLS): built once; an older cache lacking a newer tool
+# llama.cpp's tools (nexlab.llamacpp.build.TOOLS): built once; an older cache lacking a newer tool
 # (e.g. llama-mtmd-cli) is rebuilt once here; a complete one costs a second
 tools: $(STAMP)
 	$(BIN)/nexlab setup

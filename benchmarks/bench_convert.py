@@ -1,6 +1,6 @@
 """Benchmark: nexlab's converter vs llama.cpp's convert_hf_to_gguf.py on the same checkpoint.
 
-Both run as child processes in one invocation (nexlab.llamacpp.benchmark_conversion);
+Both run as child processes in one invocation (nexlab.analysis.speed.benchmark_conversion);
 prints both wall times and peak RSS, and the ratios nexlab / llama.cpp (the workbook's
 convention, see the README: a time ratio below 1 means nexlab is faster, an RSS ratio below 1
 that it needs less memory).
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"checkpoint {r['checkpoint']} ({r['checkpoint_mib']:.1f} MiB), best of {r['repeats']}")
     for k in ("nexlab", "llamacpp"):
-        print(f"  {k:<9} {r[k]['seconds']:8.2f} s   peak RSS {r[k]['peak_rss_mib']:8.1f} MiB   output {r[k]['file_mib']:.1f} MiB")
+        print(f"  {k:<9} {r[k]['seconds']:8.2f} s   peak RSS {r[k]['peak_rss_mib']:8.1f} MiB   "
+              f"output {r[k]['file_mib']:.1f} MiB")
     print(f"  time ratio nexlab / llama.cpp {r['ratio_time']:.3f} (below 1: nexlab faster), "
           f"peak RSS ratio {r['ratio_rss']:.3f} (below 1: nexlab smaller)")
     return 0

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     res = kquant_speed_vs_ggml(shape=(a.rows, a.cols), repeats=a.repeats, seed=a.seed)
     print(f"tensor {a.rows} x {a.cols} float32, best of {a.repeats}, single thread")
-    print(f"{'case':<14} {'nexlab ms':>10} {'ggml ms':>9} {'nexlab Me/s':>12} {'ggml Me/s':>10} {'time ratio':>10}  bytes")
+    print(f"{'case':<14} {'nexlab ms':>10} {'ggml ms':>9} {'nexlab Me/s':>12} {'ggml Me/s':>10} "
+          f"{'time ratio':>10}  bytes")
     ok = True
     for k, v in res.items():
         print(

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nexlab.analysis.speed import nvfp4_speed_vs_ggml
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the result dict to this file")
     args = ap.parse_args(argv)
 
-    from nexlab.analysis.speed import nvfp4_speed_vs_ggml  # noqa: PLC0415
 
     try:
         res = nvfp4_speed_vs_ggml(args.rows, args.cols, args.repeat, seed=args.seed)

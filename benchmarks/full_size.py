@@ -34,11 +34,28 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import gguf
+import numpy as np
+
+from nexlab.analysis import memory
+from nexlab.analysis.bench import device_info, llama_cpp_build
+from nexlab.artifacts.checkpoints import default_artifacts_dir
+from nexlab.artifacts.synth import DISK_MARGIN, synth_config, synth_nbytes
+from nexlab.artifacts.tiny import ensure_text_and_tokenizer
+from nexlab.convert.text import predict_file_size
+from nexlab.llamacpp.build import tool_path
+from nexlab.llamacpp.source import reference_command
+from nexlab.model import hparams as Q
+from nexlab.workbook.records import write_record
+from nexlab.workbook.results import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_GIB = {"bf16": 21.31, "q8_0": 19.30, "q4_k_m": 18.41}  # the seed's model card (tensor data, GiB)
@@ -66,8 +83,6 @@ _LAUNCHER = (
 def run(cmd: list[str], *, env: dict | None = None, timeout: float | None = None, cwd=None) -> dict:
     """Run ``cmd``; wall seconds, its own peak RSS (bytes), exit status (128 + N: killed by signal N),
     whether the time limit stopped it, the tail of its output."""
-    import signal  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
     t0 = time.perf_counter()
     fd, rss_file = tempfile.mkstemp(prefix="full_size.rss.")
@@ -111,8 +126,6 @@ def tensor_data_sha256(path: Path) -> tuple[str, int]:
     """One sha256 over every tensor's bytes, taken in name order (each tensor's own sha256, then a
     digest of "name type digest" lines), and the number of tensor bytes: equal digests = the same
     tensors with the same types and bytes, whatever order the file stores them in."""
-    import gguf  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
     lines, n = [], 0
     for t in gguf.GGUFReader(str(path)).tensors:
@@ -126,10 +139,8 @@ def tensor_data_sha256(path: Path) -> tuple[str, int]:
 
 
 def machine() -> dict:
-    """The machine as nexlab.bench describes it for every benchmark record (CPU, cores, memory), with
+    """The machine as nexlab.analysis.bench describes it for every benchmark record (CPU, cores, memory), with
     ``cores`` the logical CPUs, the kernel, the package versions and how llama.cpp was built."""
-    from nexlab.analysis.bench import device_info, llama_cpp_build  # noqa: PLC0415
-    from nexlab.workbook.results import versions  # noqa: PLC0415
 
     dev = device_info()
     return {**dev, "cores": dev["logical_cpus"], "kernel": platform.release(), "versions": versions(),
@@ -146,7 +157,7 @@ def dd_bound(folder: Path, gib: int) -> dict:
 
 DECODE = """
 import json, time, numpy as np
-from nexlab.llamacpp import open_model
+from nexlab.llamacpp.runtime import open_model
 t = time.perf_counter()
 m = open_model({path!r}, 64, n_threads={threads})
 load = time.perf_counter() - t
@@ -159,8 +170,8 @@ print(json.dumps({{"load_s": load, "eval_s": ev, "tokens": {n}, "finite": bool(n
 
 PROBE = """
 import json
-from nexlab.llamacpp import LlamaCppProbe
-from nexlab import memory
+from nexlab.analysis import memory
+from nexlab.llamacpp.runtime import LlamaCppProbe
 with LlamaCppProbe({path!r}) as p:
     a = p.allocate({n_ctx})
     size = p.model_size()
@@ -172,16 +183,16 @@ print(json.dumps({{"llama": a, "llama_model_size": size, "nexlab": {{"kv_bytes":
 
 IMATRIX_DIFF = """
 import json
-from nexlab import imatrix as IM
-a, b = IM.read_imatrix({a!r}), IM.read_imatrix({b!r})
-never = IM.unrouted_experts(a)
-print(json.dumps({{**IM.compare_imatrix(a, b), "unrouted_experts": {{str(k): v for k, v in never.items()}},
-                  "unrouted_same_as_llama_imatrix": never == IM.unrouted_experts(b)}}))
+from nexlab.analysis.imatrix import compare_imatrix, unrouted_experts
+from nexlab.ggufio.imatrix_file import read_imatrix
+a, b = read_imatrix({a!r}), read_imatrix({b!r})
+never = unrouted_experts(a)
+print(json.dumps({{**compare_imatrix(a, b), "unrouted_experts": {{str(k): v for k, v in never.items()}},
+                  "unrouted_same_as_llama_imatrix": never == unrouted_experts(b)}}))
 """
 
 
 def _hp(cfg: dict):
-    from nexlab.model import hparams as Q  # noqa: PLC0415
 
     return Q.hparams_from_hf_config(cfg)
 
@@ -202,13 +213,6 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
 
-    from nexlab.analysis import memory  # noqa: PLC0415
-    from nexlab.artifacts.checkpoints import default_artifacts_dir
-    from nexlab.artifacts.synth import DISK_MARGIN, synth_config, synth_nbytes  # noqa: PLC0415
-    from nexlab.artifacts.tiny import ensure_text_and_tokenizer  # noqa: PLC0415
-    from nexlab.convert.text import predict_file_size  # noqa: PLC0415
-    from nexlab.llamacpp.build import tool_path
-    from nexlab.llamacpp.source import reference_command  # noqa: PLC0415
 
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -221,6 +225,7 @@ def main(argv=None) -> int:
         print(f"full_size: {work} has {free / 1e9:.1f} GB free, the rehearsal needs {need / 1e9:.1f} GB at its peak "
               f"(checkpoint {ck_bytes / 1e9:.1f} GB + NVFP4-BF16 + one more variant)", file=sys.stderr)
         return 1
+    t_start = time.time()
     res: dict = {"command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
                                                   if Path(sys.argv[0]).is_absolute() else sys.argv[0]]
                                                  + sys.argv[1:]),
@@ -233,8 +238,7 @@ def main(argv=None) -> int:
 
     def save() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        from nexlab.core.fileio import atomic_write_text  # noqa: PLC0415
-        atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")
+        write_record(a.out, res, started=t_start)  # with its provenance: commit, command, machine, versions
 
     try:
         log(f"dd bound ({a.dd_gib} GiB, fdatasync) in {work}")
@@ -284,7 +288,7 @@ def main(argv=None) -> int:
                        "--chunks", str(a.imatrix_chunks), "--threads", threads, "-o", str(im_ours)]), "nexlab imatrix")
         r2 = must(run([str(tool_path("llama-imatrix")), "-m", str(bf16), "-f", str(calib), "-c", str(a.imatrix_ctx),
                        "--chunks", str(a.imatrix_chunks), "-t", threads, "--no-ppl", "-o", str(im_ref)]),
-                  "llama-imatrix")  # the command nexlab.imatrix.run_llama_imatrix runs, timed as a child here
+                  "llama-imatrix")  # the command nexlab.analysis.imatrix.run_llama_imatrix runs, timed as a child here
         diff, _ = python_json(IMATRIX_DIFF.format(a=str(im_ours), b=str(im_ref)))
         res["imatrix"] = {"nexlab": r1, "llama_imatrix": r2, "time_ratio": r1["seconds"] / r2["seconds"], **diff}
         log(f"  nexlab {r1['seconds']:.0f} s, llama-imatrix {r2['seconds']:.0f} s, {diff}")

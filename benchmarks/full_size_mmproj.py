@@ -7,8 +7,8 @@ Steps: ``nexlab synth`` of Nex-N2-mini's configuration with the text part cut to
 tower, 27 blocks of width 1152, is the published one, in full; the mmproj does not read the text layers)
 -> for ``--mmproj f16`` and ``bf16``: ``nexlab convert --mmproj`` and llama.cpp's ``convert_hf_to_gguf.py
 --mmproj`` on the same checkpoint, each timed -> the two files compared tensor for tensor and key for key
-(``nexlab.gguf_inspect.diff_gguf``, only general.name / license / quantized_by may differ) and their sizes
-against the plan of the full configuration (``nexlab.mmproj.mmproj_file_nbytes`` with the same
+(``nexlab.ggufio.inspector.diff_gguf``, only general.name / license / quantized_by may differ) and their sizes
+against the plan of the full configuration (``nexlab.convert.mmproj.mmproj_file_nbytes`` with the same
 general.name; with the name Nex-N2-mini the plan gives 899,282,976 and 902,821,920 bytes, the latter the
 seed's 903 MB). Results go to ``data/results/full_size_mmproj.json``
 with the time ratio nexlab / reference. About 5 GB of disk; removed at the end unless ``--keep``.
@@ -18,7 +18,6 @@ Not part of ``make test``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ from nexlab.convert.mmproj import convert_mmproj, mmproj_file_nbytes  # noqa: E4
 from nexlab.ggufio.inspector import diff_gguf  # noqa: E402
 from nexlab.llamacpp.source import run_reference_converter  # noqa: E402
 from nexlab.model.config import real_config  # noqa: E402
+from nexlab.workbook.records import write_record  # noqa: E402
 
 DESCRIPTIVE = ("general.name", "general.license", "general.quantized_by")
 TEXT_LAYERS = 4
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     # (a folder "Nex-N2-mini" makes llama.cpp's converter add general.basename "Nex-N2", size_label "mini")
     ckpt = a.workdir / "ckpt"
     seed = explain_seed_size()
+    t_start = time.time()
     rec = {"machine": machine(), "text_layers": TEXT_LAYERS, "vision_config": real_config()["vision_config"],
            "planned": {d: mmproj_file_nbytes(real_config(), d, name=ckpt.name) for d in ("f16", "bf16")},
            "seed_plan": {"f16": seed["f16_file"], "bf16": seed["bf16_file"], "name": "Nex-N2-mini"}, "runs": {}}
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     # reference file is smaller by the descriptive keys nexlab adds (general.license, general.quantized_by)
     rec["equal"] = all(not r["differences"] and r["nexlab_bytes"] == r["planned_bytes"] for r in rec["runs"].values())
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(rec, indent=1) + "\n")
+    write_record(a.out, rec, started=t_start)  # with its provenance: commit, command, machine, versions
     print(f"{'equal' if rec['equal'] else 'DIFFERENT'}: f16 {rec['runs']['f16']['nexlab_bytes']:,} B "
           f"({rec['runs']['f16']['nexlab_bytes'] / 1e6:.2f} MB), bf16 {rec['runs']['bf16']['nexlab_bytes']:,} B "
           f"({rec['runs']['bf16']['nexlab_bytes'] / 1e6:.2f} MB); wrote {a.out}")

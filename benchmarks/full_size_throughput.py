@@ -15,14 +15,21 @@ notebook 06 compares them with its extrapolation from the 4-layer slice. Disk pe
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_size import PY, ROOT, log, machine, must, run  # noqa: E402
+
+from nexlab.analysis import bench
+from nexlab.analysis import roofline as RL
+from nexlab.analysis.memory import estimate
+from nexlab.artifacts.synth import DISK_MARGIN, synth_config, synth_nbytes
+from nexlab.core import text
+from nexlab.workbook.records import write_record  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,12 +45,6 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
 
-    from nexlab.analysis import bench
-    from nexlab.analysis import roofline as RL  # noqa: PLC0415
-    from nexlab.analysis.memory import estimate  # noqa: PLC0415
-    from nexlab.artifacts.synth import DISK_MARGIN, synth_config, synth_nbytes  # noqa: PLC0415
-    from nexlab.core import text  # noqa: PLC0415
-    from nexlab.core.fileio import atomic_write_text  # noqa: PLC0415
 
     parallel = text.parse_int_list(a.parallel, "--parallel")
     work = a.workdir
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     if free < need:
         print(f"full_size_throughput: {work} has {free / 1e9:.1f} GB free, needs {need / 1e9:.1f} GB", file=sys.stderr)
         return 1
+    t_start = time.time()
     res: dict = {"command": "python benchmarks/full_size_throughput.py " + " ".join(sys.argv[1:]),
                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine()}
     ckpt = work / "nex-n2-mini-nvfp4"
@@ -65,10 +67,12 @@ def main(argv=None) -> int:
         must(run([PY, "-m", "nexlab.cli", "synth", "nex-n2-mini", "-o", str(ckpt)]), "synth")
         for label, v in (("NVFP4-BF16", "bf16"), ("NVFP4-Q4_K_M", "q4_k_m")):
             log(f"nexlab convert -> {label}")
-            must(run([PY, "-m", "nexlab.cli", "convert", str(ckpt), "-o", str(files[label]), "--variant", v, "-q"]), label)
+            must(run([PY, "-m", "nexlab.cli", "convert", str(ckpt), "-o", str(files[label]), "--variant", v, "-q"]),
+                 label)
         shutil.rmtree(ckpt)
         log("stock Q4_K_M (llama-quantize --allow-requantize)")
-        stock = bench.make_stock_q4_k_m(files["NVFP4-BF16"], files["stock Q4_K_M"], threads=a.threads, show_progress=False)
+        stock = bench.make_stock_q4_k_m(files["NVFP4-BF16"], files["stock Q4_K_M"], threads=a.threads,
+                                        show_progress=False)
         res["stock"] = {k: stock[k] for k in ("file_bytes", "command")}
         log("bandwidth")
         bw = bench.measure_bandwidth(1 << 30, repeats=5)
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
                             and r["tool"] == "llama-batched-bench"))
         res["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(a.out, json.dumps(res, indent=1, default=str) + "\n")
+        write_record(a.out, res, started=t_start)  # with its provenance: commit, command, machine, versions
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -8,8 +8,8 @@ Steps: ``nexlab synth nex-n2-mini`` (the published checkpoint's tensor names and
 experts as ModelOpt NVFP4, ~24 GB; kept between runs with ``--keep``) -> per layer, the routed experts
 (gate / up / down stacks, [256, 512, 2048] and [256, 2048, 512]) and the shared expert are read and
 dequantized to float32, as ``nexlab convert --experts nvfp4`` reads a BF16 checkpoint's layer -> each scale
-rule quantizes them as the converter does (:func:`nexlab.convert._quantize_expert_group`'s call:
-``nexlab.scales.quantize_nvfp4_group`` on the gate+up pair and on down, one tensor scale per expert).
+rule quantizes them as the converter does (:func:`nexlab.convert.plan._quantize_expert_group`'s call:
+``nexlab.formats.scales.quantize_nvfp4_group`` on the gate+up pair and on down, one tensor scale per expert).
 It times reading+dequantizing and each rule separately (wall seconds, one process, torch's threads =
 the cores), and prints the total per rule for all layers with the ratio to ``max`` (ModelOpt's rule,
 the reference). Errors are not compared here: the synthetic weights already lie on an NVFP4 grid, so
@@ -21,7 +21,6 @@ Results go to ``data/results/nvfp4_scales_full_size.json`` with the machine desc
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -38,10 +37,11 @@ from nexlab.core.progress import progress  # noqa: E402
 from nexlab.formats.nvfp4 import dequantize_nvfp4_modelopt  # noqa: E402
 from nexlab.formats.scales import METHODS, quantize_nvfp4_group  # noqa: E402
 from nexlab.model.checkpoint import Checkpoint  # noqa: E402
+from nexlab.workbook.records import write_record  # noqa: E402
 
 
 def _dequant(ck: Checkpoint, module: str) -> np.ndarray:
-    import torch
+    import torch  # noqa: PLC0415  (heavy: only once the arguments are checked)
 
     w = ck.load(module + ".weight").numpy()
     s = ck.load(module + ".weight_scale").view(torch.uint8).numpy()
@@ -82,9 +82,10 @@ def main(argv=None) -> int:
     if not methods or any(m not in METHODS for m in methods):
         print(f"error: --methods must be a comma list of {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    import torch
+    import torch  # noqa: PLC0415  (heavy: only once the arguments are checked)
 
     ckpt = a.workdir / "ckpt"
+    t_start = time.time()
     t0, t_synth = time.perf_counter(), None
     if not (ckpt / "config.json").exists():
         log(f"nexlab synth nex-n2-mini -> {ckpt}")
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         rec["time_ratio_vs_max"] = {m: rec["totals_s"][m] / rec["totals_s"]["max"] for m in methods}
     rec["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(rec, indent=1) + "\n")
+    write_record(a.out, rec, started=t_start)  # with its provenance: commit, command, machine, versions
     print(f"{rec['params'] / 1e9:.2f} B expert parameters in {len(rows)} layers; read+dequantize "
           f"{rec['read_dequantize_s']:.0f} s")
     for m in methods:

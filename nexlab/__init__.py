@@ -14,12 +14,13 @@ pyproject.toml [tool.importlinter] and CONTRIBUTING.md; notebooks/README.md list
 9. chapters (chNN.py: one notebook's helpers) and workbook (parameters, results, the papermill runner)
 10. cli: the ``nexlab`` command
 
-Why the cuts are there: the lowest layers (core, then formats) are plain helpers and pure numpy codecs,
-each codec testable bit for bit against libggml, ModelOpt, gguf-py or ml_dtypes without a model or a file. GGUF I/O knows no model, so any
-architecture can use it. The model layer knows qwen35moe but no llama.cpp. llama.cpp's tools sit
-above the converter, which never needs them: llama.cpp only checks what nexlab wrote. Analysis uses
-llama.cpp (and transformers) as the engine it measures with. Artifacts build the workbook's models
-and may use any layer below. Chapters and the workbook sit on top, the ``nexlab`` command above them.
+Why the cuts are there: the lowest layers (core, then formats) are plain helpers and pure numpy
+codecs, each codec testable bit for bit against libggml, ModelOpt, gguf-py or ml_dtypes without a
+model or a file. GGUF I/O knows no model, so any architecture can use it. The model layer knows
+qwen35moe but no llama.cpp. llama.cpp's tools sit above the converter, which never needs them:
+llama.cpp only checks what nexlab wrote. Analysis uses llama.cpp (and transformers) as the engine it
+measures with. Artifacts build the workbook's models and may use any layer below. Chapters and the
+workbook sit on top, the ``nexlab`` command above them.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""nexlab.anatomy against the real readers and quantizers: GGUF offsets against gguf-py's GGUFReader,
+"""nexlab.ggufio.regions against the real readers and quantizers: GGUF offsets against gguf-py's GGUFReader,
 the Q4_K block decoder against libggml's and gguf-py's dequantizers, and the per-tensor imatrix gain
 against the file nexlab writes (itself byte-equal to llama-quantize, tests/test_variants.py)."""
 

@@ -1,4 +1,4 @@
-"""nexlab.bench: llama-bench / llama-batched-bench records, the memory-bandwidth copy, the stock Q4_K_M.
+"""nexlab.analysis.bench: llama-bench / llama-batched-bench records, the memory-bandwidth copy, the stock Q4_K_M.
 
 Timings are never checked against targets (machines are noisy): the tests check that the tools ran
 what was asked (test sizes, stream counts, threads), that nexlab copied their fields faithfully
@@ -6,7 +6,7 @@ what was asked (test sizes, stream counts, threads), that nexlab copied their fi
 the bookkeeping every record carries, the JSON round trip of the CLI and one-line errors on bad
 input. The stock file is checked against llama.cpp itself (it loads and runs; its expert bytes equal
 llama-quantize's Q4_K_M of a BF16 file holding the dequantized NVFP4 values, which gguf-py checks)
-and its types against nexlab.quantize's independent reading of llama-quantize's mix.
+and its types against nexlab.model.mixes's independent reading of llama-quantize's mix.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_batched_bench_has_one_row_per_stream_count(records):
 
 def _losing_rows(monkeypatch, lost_runs: int):
     """Wrap the real tool runner so that the first ``lost_runs`` runs lose their last JSONL row, as
-    llama.cpp's unflushed logger sometimes does (see nexlab.bench); return the -npl of every run."""
+    llama.cpp's unflushed logger sometimes does (see nexlab.analysis.bench); return the -npl of every run."""
     real, npls = B._run_tool, []
 
     def run(cmd, file):
@@ -236,7 +236,8 @@ def test_parse_int_list():
             core_text.parse_int_list(bad, "--parallel")
 
 
-@pytest.mark.parametrize("name, label", [("Nex-N2-mini-NVFP4-BF16.gguf", "NVFP4-BF16"), ("x-nvfp4_q8_0.gguf", "NVFP4-Q8_0"),
+@pytest.mark.parametrize("name, label", [("Nex-N2-mini-NVFP4-BF16.gguf", "NVFP4-BF16"),
+                                         ("x-nvfp4_q8_0.gguf", "NVFP4-Q8_0"),
                                          ("stock-q4_k_m.gguf", "Q4_K_M"), ("model.Q6_K.gguf", "Q6_K"),
                                          ("nexlab-nvfp4_all.gguf", "nexlab-nvfp4_all"), ("my_model.gguf", "my_model")])
 def test_variant_label_from_file_name(name, label):

@@ -115,8 +115,10 @@ _STATE_JS = """() => {
   const code = cells.filter(c => c.type === 'code');
   const outs = code.map(c => c.outputs.toJSON());
   return {
-    kernel: w.sessionContext.session && w.sessionContext.session.kernel ? w.sessionContext.session.kernel.status : 'none',
-    busy: w.content.widgets.filter(c => c.model.type === 'code' && c.promptNode && c.promptNode.textContent.includes('*')).length,
+    kernel: w.sessionContext.session && w.sessionContext.session.kernel ? \
+w.sessionContext.session.kernel.status : 'none',
+    busy: w.content.widgets.filter(c => c.model.type === 'code' && c.promptNode && \
+c.promptNode.textContent.includes('*')).length,
     unrun: code.filter(c => c.executionCount === null && c.sharedModel.getSource().trim() !== '').length,
     errors: outs.flat().filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue),
     pngs: outs.flat().filter(o => o.data && o.data['image/png']).length,
@@ -139,7 +141,8 @@ def _open_and_run(page, url: str, token: str, stem: str) -> dict:
                                ".sessionContext.session.kernel.status === 'idle'", timeout=RUN_TIMEOUT_S * 1000,
                                polling=1000)
     except Exception as exc:  # playwright's TimeoutError
-        raise AssertionError(f"{stem}: cells still running after {RUN_TIMEOUT_S} s: {page.evaluate(_STATE_JS)}") from exc
+        raise AssertionError(f"{stem}: cells still running after {RUN_TIMEOUT_S} s: "
+                             f"{page.evaluate(_STATE_JS)}") from exc
     s = page.evaluate(_STATE_JS)
     assert page.evaluate("() => window.__nexlabRun") == "done" or s["errors"], page.evaluate("() => window.__nexlabRun")
     assert s["errors"] or (s["busy"] == 0 and s["unrun"] == 0), f"{stem}: not every cell ran: {s}"
@@ -151,7 +154,8 @@ def _check_rendered(page, stem: str, state: dict) -> None:
     # every PNG output drawn: an <img> decoded to a real size (a broken image has naturalWidth 0)
     page.wait_for_timeout(500)
     imgs = page.evaluate("""() => Array.from(document.querySelectorAll(
-        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output img')).map(i => [i.complete, i.naturalWidth, i.naturalHeight])""")
+        '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output img')).map(i => [i.complete, \
+i.naturalWidth, i.naturalHeight])""")
     assert state["pngs"] > 0, f"{stem}: no figure in the outputs"
     assert len(imgs) >= state["pngs"], f"{stem}: {state['pngs']} figures in the outputs, {len(imgs)} drawn"
     assert all(c and w > 0 and h > 0 for c, w, h in imgs), f"{stem}: figures not decoded: {imgs}"
@@ -225,7 +229,8 @@ def test_chapter_runs_renders_and_answers_in_jupyterlab(stem, lab, browser):
         assert not console_errors, f"{stem}: JavaScript errors: {console_errors[:3]}"
     except BaseException:
         page.screenshot(path=str(root / f"{stem}-failure.png"), full_page=False)
-        print(f"screenshot: {root / f'{stem}-failure.png'}; executed state: {json.dumps(page.evaluate(_STATE_JS))[:2000]}")
+        print(f"screenshot: {root / f'{stem}-failure.png'}; "
+              f"executed state: {json.dumps(page.evaluate(_STATE_JS))[:2000]}")
         raise
     finally:
         page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")

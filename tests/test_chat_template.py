@@ -22,7 +22,8 @@ CONV = [
     {"role": "user", "content": "Thanks!"},
 ]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
 
 
 def test_fixed_template_generation_prompt_matches_history_thinking_marker():
@@ -127,7 +128,7 @@ def test_llama_server_routes_reasoning_and_answer_apart_for_both_templates(routi
     derives the markers from the template itself) does not show the seed's bug, nor did llama.cpp
     build 11434 (both templates sent free text to ``reasoning_content``). The fix matters for
     builds whose parser treats thinking as forced open only when the prompt ends with the exact
-    ``<think>\\n`` marker: the tag-based extraction that :func:`nexlab.chat_template.extract_reasoning`
+    ``<think>\\n`` marker: the tag-based extraction that :func:`nexlab.model.chat_template.extract_reasoning`
     models and on which the seed's model card reports the leak (its measurements name build
     85f99dca8; the card says every build), and for clients that parse the raw text themselves.
     Should a later tree leak the seed's reasoning into ``content``, this test fails and shows it.

@@ -1,4 +1,4 @@
-"""nexlab.config: the configurations load in transformers, structural rules refuse broken ones,
+"""nexlab.model.config: the configurations load in transformers, structural rules refuse broken ones,
 parameter counts equal transformers' own model and the published figures."""
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def test_layer_shapes_equal_transformers_parameters_for_tiny():
     named = {n: tuple(p.shape) for n, p in model.named_parameters()}
     shapes = C.layer_parameter_shapes(cfg)
     for layer, kind in ((0, "linear_attention"), (3, "full_attention")):
-        got = {n.removeprefix(f"model.layers.{layer}."): s for n, s in named.items() if n.startswith(f"model.layers.{layer}.")}
+        got = {n.removeprefix(f"model.layers.{layer}."): s for n, s in named.items()
+               if n.startswith(f"model.layers.{layer}.")}
         assert got == shapes[kind]
     assert named["lm_head.weight"] == shapes["other"]["lm_head.weight"]
 

@@ -266,8 +266,8 @@ def test_ctrl_c_stops_the_conversion_benchmark_children(tmp_path):
     """The conversion benchmark runs each converter under /usr/bin/time: Ctrl-C stops the grandchild."""
     p = _run_py("""
         import sys
-        from nexlab.llamacpp.process import _run
-        _run(["sh", "-c", "sleep 300 & wait"])
+        from nexlab.llamacpp.process import run_measured
+        run_measured(["sh", "-c", "sleep 300 & wait"])
     """)
     deadline = time.monotonic() + 60
     while True:

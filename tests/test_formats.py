@@ -1,4 +1,4 @@
-"""Codecs of nexlab.formats against the real dtypes: torch, ml_dtypes, libggml, gguf-py.
+"""Codecs of nexlab.formats.minifloat against the real dtypes: torch, ml_dtypes, libggml, gguf-py.
 
 Every comparison is bit-exact on float32 bit patterns (so -0.0 and NaN positions count).
 """
@@ -164,7 +164,8 @@ def _ue4m3_probe_inputs() -> np.ndarray:
     mids = (e[:-1] + e[1:]) / 2
     rng = np.random.default_rng(4)
     rnd = np.exp(rng.uniform(np.log(2.0**-12), np.log(600.0), 20_000))
-    special = [2.0**-6 * (1 - 2.0**-20), 2.0**-6 * (1 - 2.0**-5), 2.0**-11, 2.0**-10, 2.0**-10 * 0.999, 256, 300, 448, 460, 1e5]
+    special = [2.0**-6 * (1 - 2.0**-20), 2.0**-6 * (1 - 2.0**-5), 2.0**-11, 2.0**-10, 2.0**-10 * 0.999,
+               256, 300, 448, 460, 1e5]
     return neighbours(np.concatenate([e, mids, rnd, special]).astype(np.float32))
 
 
@@ -211,7 +212,8 @@ def test_e8m0_half_decode_matches_libggml_mxfp4_dequantizer():
 def test_e8m0_encoder_matches_libggml_mxfp4_exponent_near_powers_of_two():
     k = np.arange(-120, 120, dtype=np.float64)
     base = np.ldexp(1.0, k.astype(int)).astype(np.float32)
-    ulps = [np.float32(1 - 2.0**-24), np.float32(1 - 2.0**-23), np.float32(1 - 2.0**-20), np.float32(1), np.float32(1.5)]
+    ulps = [np.float32(1 - 2.0**-24), np.float32(1 - 2.0**-23), np.float32(1 - 2.0**-20), np.float32(1),
+            np.float32(1.5)]
     amax = np.concatenate([base * u for u in ulps]).astype(np.float32)
     rng = np.random.default_rng(5)
     amax = np.concatenate([amax, np.exp(rng.uniform(-80, 80, 5000)).astype(np.float32)])

@@ -1,4 +1,4 @@
-"""nexlab.imatrix: llama.cpp's GGUF imatrix format and llama-quantize's column weights.
+"""nexlab.analysis.imatrix: llama.cpp's GGUF imatrix format and llama-quantize's column weights.
 
 There is no callable llama.cpp imatrix reader in llama-cpp-python (common_imatrix_load lives in
 libcommon), so files are checked with gguf-py's independent GGUFReader against the layout
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from nexlab.analysis import imatrix
+from nexlab.analysis import imatrix_torch
 from nexlab.ggufio import imatrix_file as IM
 from nexlab.model import qwen35moe
 
@@ -128,10 +128,12 @@ def test_bad_files_get_clear_messages(tmp_path):
     _write_raw(tmp_path / "n.gguf", {"a.weight.in_sum2": bad, "a.weight.counts": np.ones(1, np.float32)})
     with pytest.raises(ValueError, match="a.weight: in_sum2 has non-finite"):
         IM.read_imatrix(tmp_path / "n.gguf")
-    _write_raw(tmp_path / "t.gguf", {"a.weight.in_sum2": np.ones(8, np.float16), "a.weight.counts": np.ones(1, np.float32)})
+    _write_raw(tmp_path / "t.gguf", {"a.weight.in_sum2": np.ones(8, np.float16),
+                                     "a.weight.counts": np.ones(1, np.float32)})
     with pytest.raises(ValueError, match="must be F32"):
         IM.read_imatrix(tmp_path / "t.gguf")
-    _write_raw(tmp_path / "s.gguf", {"a.weight.in_sum2": np.ones(9, np.float32), "a.weight.counts": np.ones(2, np.float32)})
+    _write_raw(tmp_path / "s.gguf", {"a.weight.in_sum2": np.ones(9, np.float32),
+                                     "a.weight.counts": np.ones(2, np.float32)})
     with pytest.raises(ValueError, match="not a whole number of rows"):
         IM.read_imatrix(tmp_path / "s.gguf")
     with pytest.raises(FileNotFoundError):
@@ -189,7 +191,7 @@ def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
     hooks = [model.model.norm.register_forward_hook(on_norm),
              model.model.layers[0].linear_attn.out_proj.register_forward_pre_hook(on_out)]
     try:
-        im = imatrix.collect_imatrix(model, tokens, chunk_size=C_SIZE, dataset="calib.txt", process_output=True,
+        im = imatrix_torch.collect_imatrix(model, tokens, chunk_size=C_SIZE, dataset="calib.txt", process_output=True,
                                 show_progress=False)
     finally:
         for h in hooks:
@@ -199,7 +201,8 @@ def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
     E, k, L = cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
     for i in range(L):
         full = (i + 1) % 4 == 0
-        dense = ["attn_q", "attn_k", "attn_v", "attn_output"] if full else ["attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_out"]
+        dense = (["attn_q", "attn_k", "attn_v", "attn_output"] if full
+                 else ["attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha", "ssm_out"])
         dense += ["ffn_gate_inp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
         for d in dense:
             e = im.entries[f"blk.{i}.{d}.weight"]
@@ -207,24 +210,28 @@ def test_collect_imatrix_entries_counts_and_sums(tiny_model, tmp_path):
         for d in ("gate", "up", "down"):
             e = im.entries[f"blk.{i}.ffn_{d}_exps.weight"]
             assert e.n_mat == E and e.counts.sum() == n_tok * k  # every token picks k experts
-        assert np.array_equal(im.entries[f"blk.{i}.ffn_gate_exps.weight"].in_sum2, im.entries[f"blk.{i}.ffn_up_exps.weight"].in_sum2)
+        assert np.array_equal(im.entries[f"blk.{i}.ffn_gate_exps.weight"].in_sum2,
+                              im.entries[f"blk.{i}.ffn_up_exps.weight"].in_sum2)
     assert im.entries["output.weight"].counts[0] == n_tok
     assert "token_embd.weight" not in im.entries  # a lookup, not a matmul
-    np.testing.assert_allclose(im.entries["output.weight"].in_sum2[0], seen["norm"].numpy().astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(im.entries["output.weight"].in_sum2[0], seen["norm"].numpy().astype(np.float32),
+                               rtol=1e-6)
     # ssm_out columns follow the converter's value-head permutation
-    p = v_head_permutation(cfg.linear_num_key_heads, cfg.linear_num_value_heads // cfg.linear_num_key_heads, cfg.linear_value_head_dim)
+    p = v_head_permutation(cfg.linear_num_key_heads, cfg.linear_num_value_heads // cfg.linear_num_key_heads,
+                           cfg.linear_value_head_dim)
     assert not np.array_equal(p, np.arange(p.size))
-    np.testing.assert_allclose(im.entries["blk.0.ssm_out.weight"].in_sum2[0], seen["out"].numpy()[p].astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(im.entries["blk.0.ssm_out.weight"].in_sum2[0], seen["out"].numpy()[p].astype(np.float32),
+                               rtol=1e-6)
     # the result is a writable, readable imatrix
     back = IM.read_imatrix(IM.write_imatrix(tmp_path / "tiny.imatrix.gguf", im))
     assert sorted(back.entries) == sorted(im.entries)
 
 
 def test_collect_imatrix_skips_output_by_default_like_llama_imatrix(tiny_model):
-    im = imatrix.collect_imatrix(tiny_model, list(range(5, 21)), chunk_size=16, show_progress=False)
+    im = imatrix_torch.collect_imatrix(tiny_model, list(range(5, 21)), chunk_size=16, show_progress=False)
     assert "output.weight" not in im.entries and all(n.startswith("blk.") for n in im.entries)
 
 
 def test_collect_imatrix_needs_one_chunk(tiny_model):
     with pytest.raises(ValueError, match="at least one chunk of 64 tokens"):
-        imatrix.collect_imatrix(tiny_model, [1, 2, 3], chunk_size=64, show_progress=False)
+        imatrix_torch.collect_imatrix(tiny_model, [1, 2, 3], chunk_size=64, show_progress=False)

@@ -1,7 +1,7 @@
 """``nexlab imatrix MODEL.gguf``: nexlab's collector through llama.cpp, proved against llama-imatrix.
 
 The reference is the real ``llama-imatrix`` of the tree llama-cpp-python 0.3.36 vendors
-(:func:`nexlab.llamacpp.tool_path`, built by ``nexlab setup``); a missing tool fails these tests.
+(:func:`nexlab.llamacpp.build.tool_path`, built by ``nexlab setup``); a missing tool fails these tests.
 Same GGUF, same text, same ``-c`` / ``--chunks`` / ``-b`` / ``-ub``: the same entry names, counts
 exactly equal, ``in_sum2`` equal within 1e-3 relative (llama-imatrix sums in float32, nexlab in
 float64), the same ``imatrix.*`` metadata. The stride handling, which llama.cpp's graphs may not
@@ -40,15 +40,17 @@ def q8_gguf(tiny, tmp_path_factory):
 
 
 def llama_imatrix(model, text, out, n_ctx, n_chunks, *extra) -> imatrix_file.Imatrix:
-    """The real llama-imatrix (no perplexity, 2 threads) through nexlab.imatrix.run_llama_imatrix."""
+    """The real llama-imatrix (no perplexity, 2 threads) through nexlab.analysis.imatrix.run_llama_imatrix."""
     return IM.run_llama_imatrix(model, text, out, n_ctx=n_ctx, n_chunks=n_chunks, n_threads=2, extra_args=extra,
                                 timeout=300)
 
 
 def test_compare_imatrix_sees_a_difference(tmp_path):
-    a = imatrix_file.Imatrix({"blk.0.attn_qkv.weight": imatrix_file.ImatrixEntry(np.ones((1, 4), np.float32), np.ones(1, np.float32))},
+    a = imatrix_file.Imatrix({"blk.0.attn_qkv.weight": imatrix_file.ImatrixEntry(np.ones((1, 4), np.float32),
+                                                                                  np.ones(1, np.float32))},
                    [], 1, 4)
-    b = imatrix_file.Imatrix({"blk.0.attn_qkv.weight": imatrix_file.ImatrixEntry(np.full((1, 4), 1.01, np.float32), np.ones(1, np.float32))},
+    b = imatrix_file.Imatrix({"blk.0.attn_qkv.weight": imatrix_file.ImatrixEntry(np.full((1, 4), 1.01, np.float32),
+                                                                                  np.ones(1, np.float32))},
                    [], 1, 4)
     assert IM.compare_imatrix(a, a)["max_rel_diff"] == 0.0
     assert 0.009 < IM.compare_imatrix(a, b)["max_rel_diff"] < 0.011
@@ -130,7 +132,7 @@ class _Graph:
     """Tensors in a plain ggml_context (host memory) built by libggml, filled from numpy."""
 
     def __init__(self):
-        self.L = libggml._ggml()
+        self.L = libggml.ggml_collector_lib()
         vp, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
         self.L.ggml_view_2d.argtypes = [vp, vp, i64, i64, sz, sz]
         self.L.ggml_view_2d.restype = vp
@@ -138,7 +140,7 @@ class _Graph:
         self.L.ggml_view_3d.restype = vp
         self.ctx = self.L.ggml_init(libggml._GgmlInitParams(1 << 20, None, False))
 
-    def tensor(self, arr: np.ndarray | None, shape_ne, gtype=libggml._GGML_TYPE_F32, name=b""):
+    def tensor(self, arr: np.ndarray | None, shape_ne, gtype=libggml.GGML_TYPE_F32, name=b""):
         f = self.L.ggml_new_tensor_2d if len(shape_ne) == 2 else self.L.ggml_new_tensor_3d
         t = f(self.ctx, gtype, *shape_ne)
         if name:
@@ -168,7 +170,7 @@ def test_callback_honours_strides_counts_unrouted_experts_and_skips_like_llama_i
 
         ids_base = np.full((20, 3), 3, np.int32)  # column 0 (outside the view) names expert 3: never read
         ids_base[:, 1:] = rng.integers(0, 3, (20, 2))
-        ids = L.ggml_view_2d(g.ctx, g.tensor(ids_base, (3, 20), libggml._GGML_TYPE_I32), 2, 20, 12, 4)
+        ids = L.ggml_view_2d(g.ctx, g.tensor(ids_base, (3, 20), libggml.GGML_TYPE_I32), 2, 20, 12, 4)
         up = g.tensor(None, (12, 6, 4), name=b"blk.0.ffn_up_exps.weight")
         down = g.tensor(None, (12, 6, 4), name=b"blk.0.ffn_down_exps.weight")
         shared_x = L.ggml_view_3d(g.ctx, xb, 12, 1, 20, 64, 64, 8)  # one row per token, shared by both slots

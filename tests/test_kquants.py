@@ -1,7 +1,7 @@
-"""Q8_0 / Q4_K / Q5_K / Q6_K in nexlab.kquants against libggml's C and gguf-py.
+"""Q8_0 / Q4_K / Q5_K / Q6_K in nexlab.formats.kquants against libggml's C and gguf-py.
 
 Oracle: ``ggml_quantize_chunk`` from llama-cpp-python's libggml-base.so (ctypes, via
-nexlab.ggml_ref), called with and without an importance matrix exactly as llama-quantize does;
+nexlab.llamacpp.libggml), called with and without an importance matrix exactly as llama-quantize does;
 dequantizers against ggml's ``to_float`` and gguf-py's numpy ``dequantize``. Every comparison is
 byte (or bit) equality.
 """
@@ -272,9 +272,9 @@ def test_bad_type_and_dtype_raise():
 
 def _real_weight_matrices(limit: int = 6):
     """A few 2-D weights of the trained tiny checkpoint (float32): the notebooks' build/artifacts (or
-    $NEXLAB_ARTIFACTS) when there, else built here by nexlab.models.ensure_tiny (smoke mode, seconds).
+    $NEXLAB_ARTIFACTS) when there, else built here by nexlab.artifacts.tiny.ensure_tiny (smoke mode, seconds).
 
-    Chosen from the safetensors headers (nexlab.checkpoint.Checkpoint) before anything is read."""
+    Chosen from the safetensors headers (nexlab.model.checkpoint.Checkpoint) before anything is read."""
     from nexlab.artifacts.tiny import ensure_tiny
     from nexlab.model.checkpoint import Checkpoint
 
@@ -305,3 +305,20 @@ def test_benchmark_ratio_is_nexlab_time_over_ggml_time():
     for case, v in res.items():
         assert v["time_ratio"] == pytest.approx(v["nexlab_s"] / v["ggml_s"], rel=1e-12), case
         assert [k for k in v if "ratio" in k] == ["time_ratio"] and v["bytes_equal"], case
+
+
+def test_block_sizes_and_type_ids_from_gguf_py_equal_libggml_traits():
+    """nexlab's one table of block sizes (gguf-py's GGML_QUANT_SIZES) and of type ids (gguf-py's
+    GGMLQuantizationType) against ggml_get_type_traits of the libggml llama.cpp runs."""
+    for t in kq.QUANT_TYPES:
+        tr = ggml_ref.type_traits(kq.GGML_TYPE_IDS[t])
+        assert tr["name"].upper() == t and (tr["blck_size"], tr["type_size"]) == (kq.BLOCK_SIZES[t], kq.TYPE_SIZES[t])
+    checked = 0
+    for name, i in ggml_ref.GGML_TYPES.items():
+        if i >= ggml_ref._GGML_TYPE_COUNT:
+            continue
+        tr = ggml_ref.type_traits(i)
+        if tr["name"]:  # removed types (Q4_2, ...) keep an empty slot
+            assert tr["name"].upper() == name.upper(), (name, i, tr["name"])
+            checked += 1
+    assert checked >= 30

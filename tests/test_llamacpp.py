@@ -1,4 +1,4 @@
-"""nexlab.llamacpp: the llama.cpp tree of llama-cpp-python 0.3.36, its patched converter, its tools, its server.
+"""nexlab.llamacpp.source: the llama.cpp tree of llama-cpp-python 0.3.36, its patched converter, its tools, its server.
 
 Nothing here skips: the tree and the tools come from ``nexlab setup`` (run by ``make install``);
 a missing piece is a failure whose message says how to get it.
@@ -53,7 +53,8 @@ def test_source_tree_is_the_vendored_tree_with_one_patched_line():
 def test_converter_patch_replaces_exactly_the_raise_and_fails_loudly_otherwise(tmp_path):
     conv = tmp_path / "conversion"
     conv.mkdir()
-    before = "        if res is None:\n            log()\n            " + LL._PRETOKENIZER_RAISE + "\n        return res\n"
+    before = ("        if res is None:\n            log()\n            " + LL._PRETOKENIZER_RAISE
+              + "\n        return res\n")
     (conv / "base.py").write_text(before)
     LL._patch_converter(tmp_path)
     after = (conv / "base.py").read_text()
@@ -69,7 +70,8 @@ def test_a_tree_with_an_older_patch_is_repatched_in_place_without_touching_the_t
     src, bin_dir = LL.source_dir(), LL.tools_dir()
     (src / "conversion").mkdir(parents=True)
     bin_dir.mkdir()
-    fresh = "        if res is None:\n            log()\n            " + LL._PRETOKENIZER_RAISE + "\n        return res\n"
+    fresh = ("        if res is None:\n            log()\n            " + LL._PRETOKENIZER_RAISE
+             + "\n        return res\n")
     old_patch = LL._FORMER_PRETOKENIZER_FALLBACKS[0]
     (src / "conversion" / "base.py").write_text(fresh.replace(LL._PRETOKENIZER_RAISE, old_patch))
     (src / "SOURCE.json").write_text(json.dumps({"sdist": "x", "patched": ["conversion/base.py: " + old_patch]}))
@@ -77,7 +79,8 @@ def test_a_tree_with_an_older_patch_is_repatched_in_place_without_touching_the_t
     bin_before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in bin_dir.iterdir()}
 
     assert LL.llamacpp_source(fetch=False, log=lambda msg: None) == src
-    assert (src / "conversion" / "base.py").read_text() == fresh.replace(LL._PRETOKENIZER_RAISE, LL._PRETOKENIZER_FALLBACK)
+    assert (src / "conversion" / "base.py").read_text() == fresh.replace(LL._PRETOKENIZER_RAISE,
+                                                                         LL._PRETOKENIZER_FALLBACK)
     info = json.loads((src / "SOURCE.json").read_text())
     assert info["patched"] == ["conversion/base.py: " + LL._PRETOKENIZER_FALLBACK] and info["sdist"] == "x"
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in bin_dir.iterdir()} == bin_before
@@ -121,7 +124,8 @@ def test_build_steps_report_progress_and_fail_with_the_end_of_their_output(tmp_p
         llamacpp_build._stream(["bash", "-c", "echo '[  4%] Building a.c'; echo '[100%] Built target llama-bench'"], f,
                    label="build", log=lines.append, t0=0.0)
         with pytest.raises(RuntimeError, match=r"failed \(3\):\ncompiler says no"):
-            llamacpp_build._stream(["bash", "-c", "echo 'compiler says no'; exit 3"], f, label="build", log=lines.append, t0=0.0)
+            llamacpp_build._stream(["bash", "-c", "echo 'compiler says no'; exit 3"], f, label="build",
+                                   log=lines.append, t0=0.0)
     assert any("Building a.c" in x for x in lines) and any("llama-bench done" in x for x in lines)
     assert "compiler says no" in (tmp_path / "log").read_text()
 

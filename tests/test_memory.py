@@ -1,4 +1,4 @@
-"""nexlab.memory against the real implementations.
+"""nexlab.analysis.memory against the real implementations.
 
 - GGUF encoding: header/metadata/tensor-info bytes against gguf-py's GGUFWriter/GGUFReader;
   predicted Q8_0 / Q4_K_M file sizes against files llama.cpp's own llama_model_quantize writes.
@@ -281,8 +281,10 @@ def _check_against_llama(probe, model: Q.HParams, n_ctx, tk, tv, n_seq, kv_unifi
     s_bytes = model.n_recr_layers * ggml_nbytes(QT.F32, model.n_embd_s, r["cells"] * (1 + r["n_rs_seq"]))
     assert (kv.k_bytes, kv.v_bytes, rs.r_bytes, rs.s_bytes) == (k_bytes, v_bytes, r_bytes, s_bytes)
     # and llama.cpp's printed MiB equal nexlab's bytes printed the same way
-    assert (k["mib"], k["k_mib"], k["v_mib"]) == (LL.llama_mib(kv.bytes), LL.llama_mib(kv.k_bytes), LL.llama_mib(kv.v_bytes))
-    assert (r["mib"], r["r_mib"], r["s_mib"]) == (LL.llama_mib(rs.bytes), LL.llama_mib(rs.r_bytes), LL.llama_mib(rs.s_bytes))
+    assert (k["mib"], k["k_mib"], k["v_mib"]) == (LL.llama_mib(kv.bytes), LL.llama_mib(kv.k_bytes),
+                                                  LL.llama_mib(kv.v_bytes))
+    assert (r["mib"], r["r_mib"], r["s_mib"]) == (LL.llama_mib(rs.bytes), LL.llama_mib(rs.r_bytes),
+                                                  LL.llama_mib(rs.s_bytes))
     # the overflow warning appears in both or in neither
     assert got["overflow_warning"] == bool(kv.warnings) == any(
         issubclass(w.category, M.ContextOverflowWarning) for w in caught)

@@ -1,7 +1,7 @@
-"""The vision tower as an mmproj GGUF (nexlab.mmproj).
+"""The vision tower as an mmproj GGUF (nexlab.convert.mmproj).
 
 References: llama.cpp's own converter (``convert_hf_to_gguf.py --mmproj --outtype T`` of the tree
-llama-cpp-python 0.3.36 vendors, through nexlab.llamacpp.run_reference_converter): tensors, types,
+llama-cpp-python 0.3.36 vendors, through nexlab.llamacpp.source.run_reference_converter): tensors, types,
 shapes, bytes, order and every clip.* key equal; llama.cpp's multimodal tool ``llama-mtmd-cli`` and
 libmtmd (llama-cpp-python's ``mtmd_cpp`` bindings) load the file; transformers'
 ``Qwen3_5MoeVisionModel`` gives the reference image embeddings; transformers on the meta device
@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from nexlab.analysis import vision
+from nexlab.analysis import mtmd
 from nexlab.artifacts import tiny_vl
 from nexlab.artifacts.checkpoints import checkpoint_index
 from nexlab.chapters import ch03
@@ -99,10 +99,10 @@ def test_predicted_size_is_the_written_size(vl, files, dtype):
 def test_vision_tensor_names_and_shapes_match_transformers(vl):
     """expected_vision_tensors is what transformers' Qwen3_5MoeForConditionalGeneration holds under
     model.visual.*, for the tiny VL tower and Nex-N2-mini's."""
-    from nexlab.artifacts.synth import _meta_state_dict_shapes
+    from nexlab.artifacts.synth import meta_state_dict_shapes
 
     for cfg in (json.loads((vl["ckpt"] / "config.json").read_text()), real_config()):
-        meta = {k: tuple(v) for k, v in _meta_state_dict_shapes(cfg).items() if k.startswith("model.visual.")}
+        meta = {k: tuple(v) for k, v in meta_state_dict_shapes(cfg).items() if k.startswith("model.visual.")}
         assert MP.expected_vision_tensors(cfg["vision_config"]) == meta
 
 
@@ -126,7 +126,7 @@ def test_llama_mtmd_cli_runs_with_the_tiny_text_gguf_and_the_mmproj(files, tmp_p
     """llama.cpp's multimodal tool loads both files, encodes a generated image, and generates."""
     ours, _ = files("f16")
     png = tiny_vl.save_png(tiny_vl.make_test_image(128, 96, seed=0), tmp_path / "image.png")
-    run = vision.run_mtmd_cli(files.text, ours, png, n_predict=4)
+    run = mtmd.run_mtmd_cli(files.text, ours, png, n_predict=4)
     assert run.returncode == 0
     assert "mtmd batch encoding done" in run.log or "image slice encoded" in run.log, run.log[-2000:]
     assert "clip.projector_type" not in run.output
@@ -140,18 +140,18 @@ def test_llamacpp_image_embeddings_match_transformers(vl, files, dtype, bound):
     in float32). A different image gives a large error, so the comparison can fail."""
     ours, _ = files(dtype)
     img = tiny_vl.make_test_image(128, 96, seed=0)
-    ref = vision.transformers_image_embeddings(vl["ckpt"], img)
-    got = vision.llamacpp_image_embeddings(ours, files.text, img)
+    ref = mtmd.transformers_image_embeddings(vl["ckpt"], img)
+    got = mtmd.llamacpp_image_embeddings(ours, files.text, img)
     assert got.shape == ref.shape == (12, 256)
-    err = vision.relative_error(got, ref)
+    err = mtmd.relative_error(got, ref)
     assert err < bound, err
-    other = vision.transformers_image_embeddings(vl["ckpt"], tiny_vl.make_test_image(128, 96, seed=1))
-    assert vision.relative_error(got, other) > 10 * err  # only the noise differs: still 0.25
+    other = mtmd.transformers_image_embeddings(vl["ckpt"], tiny_vl.make_test_image(128, 96, seed=1))
+    assert mtmd.relative_error(got, other) > 10 * err  # only the noise differs: still 0.25
 
 
 def test_seed_mmproj_size_from_the_exact_plan():
     """The seed's 903 MB is the converter's bf16 plan of Nex-N2-mini (F32 patch embedding), its f16
-    plan is smaller by exactly the F16 patch-embedding bytes; the memory tables and nexlab.vision
+    plan is smaller by exactly the F16 patch-embedding bytes; the memory tables and nexlab.model.vision
     use the same plan."""
     from nexlab.analysis import memory as M
     from nexlab.convert.mmproj import mmproj_size
@@ -177,7 +177,8 @@ def _damaged(vl, tmp_path, **vision_changes):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"intermediate_size": 512}, r"tensor 'model.visual.blocks.0.mlp.linear_fc1.bias' has shape \[256\], the vision config needs \[512\]"),
+    ({"intermediate_size": 512},
+     r"tensor 'model.visual.blocks.0.mlp.linear_fc1.bias' has shape \[256\], the vision config needs \[512\]"),
     ({"depth": 3}, r"vision tensor 'model.visual.blocks.2.\S+' is missing"),
     ({"depth": 1}, r"tensor 'model.visual.blocks.1.\S+' has no place in the mmproj"),
     ({"temporal_patch_size": 1}, r"temporal_patch_size is 1"),

@@ -1,4 +1,5 @@
-"""nexlab.tokenizer / nexlab.train / nexlab.models: the tiny build, its ModelOpt checkpoints and the slice writer.
+"""nexlab.model.tokenizer / nexlab.artifacts.train / nexlab.artifacts.tiny: the tiny build, its ModelOpt checkpoints
+and the slice writer.
 
 The tiny artifacts are built once per session (smoke mode) in a temporary folder, or reused from
 ``$NEXLAB_ARTIFACTS`` when set. Oracles: nvidia-modelopt's own export (byte identity of the
@@ -126,7 +127,8 @@ def test_ensure_tiny_rebuilds_a_build_made_with_an_older_tokenizer(tiny, tmp_pat
     for k in ("tokenizer", "bf16", "nvfp4", "nvfp4_all"):
         _with_qwen2_split(p[k] / "tokenizer.json")
         assert pretokenizer_name(p[k]) == "qwen2"
-    assert not artifacts_tiny.tokenizer_is_current(p["tokenizer"]) and not artifacts_tiny._built_with_current_tokenizer(p)
+    assert (not artifacts_tiny.tokenizer_is_current(p["tokenizer"])
+            and not artifacts_tiny._built_with_current_tokenizer(p))
     stamp = p["build_json"].stat().st_mtime_ns
 
     assert artifacts_tiny.ensure_tiny(art, smoke=True) == p
@@ -192,7 +194,7 @@ def test_checkpoint_is_laid_out_as_published(tiny, variant):
 
 
 def test_checkpoint_index_and_read_tensors_go_by_stored_key(tiny, tmp_path):
-    """models.checkpoint_index / read_tensors (through nexlab.checkpoint) keep the stored keys, the
+    """models.checkpoint_index / read_tensors (through nexlab.model.checkpoint) keep the stored keys, the
     multimodal prefix and the vision tower included, for a sharded folder and for one model.safetensors."""
     from safetensors.torch import load_file, save_file
 
@@ -261,7 +263,7 @@ def test_nvfp4_all_also_quantizes_attention_and_linear_attention(tiny):
 
 
 def test_nexlab_writer_gives_modelopt_bytes_for_the_tiny_model(tiny):
-    """Same BF16 weights -> nexlab.models.quantize_layer_modelopt gives weight, weight_scale and
+    """Same BF16 weights -> nexlab.artifacts.modelopt.quantize_layer_modelopt gives weight, weight_scale and
     weight_scale_2 byte-identical to nvidia-modelopt's export, for every quantized tensor.
     input_scale needs activations (calibration), which the writer does not see: it is passed in
     (one value per projection kind, which is all ModelOpt's export holds, checked here) and

@@ -1,4 +1,4 @@
-"""NVFP4 / MXFP4 / INT4-g16 in nexlab.nvfp4 against nvidia-modelopt, libggml and gguf-py.
+"""NVFP4 / MXFP4 / INT4-g16 in nexlab.formats.nvfp4 against nvidia-modelopt, libggml and gguf-py.
 
 The ModelOpt oracle is the code ``export_hf_checkpoint`` runs for a dynamic NVFP4 weight
 quantizer: ``NVFP4QTensor.get_weights_scaling_factor_2`` (amax / 2688),
@@ -128,7 +128,8 @@ def test_modelopt_quantizer_with_shared_weight_scale_2_is_byte_identical():
     up = torch.from_numpy(_case("student_t")).to(torch.bfloat16) * 0.01
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-    shared = torch.maximum(NVFP4QTensor.get_weights_scaling_factor_2(gate), NVFP4QTensor.get_weights_scaling_factor_2(up))
+    shared = torch.maximum(NVFP4QTensor.get_weights_scaling_factor_2(gate),
+                           NVFP4QTensor.get_weights_scaling_factor_2(up))
     for w in (gate, up):
         ref_q, ref_s, _ = modelopt_export(w, shared)
         q, s, g = N.quantize_nvfp4_modelopt(w, weight_scale_2=shared)

@@ -1,4 +1,4 @@
-"""Chapter parameters are checked at the top of each chapter (nexlab.params)."""
+"""Chapter parameters are checked at the top of each chapter (nexlab.workbook.params)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def test_every_chapter_checks_exactly_its_parameters_first(notebook):
     params_src, setup_src = _cells(notebook)
     body = ast.parse(params_src).body  # NAME: type = value (annotated, for papermill --help-notebook) or NAME = value
     names = [t.id for node in body for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
-    assert notebook.stem in P.CHAPTERS, f"add {notebook.stem}'s parameters to nexlab.params.CHAPTERS"
-    assert names == list(P.CHAPTERS[notebook.stem]), "nexlab.params.CHAPTERS must list the parameters cell's names"
+    assert notebook.stem in P.CHAPTERS, f"add {notebook.stem}'s parameters to nexlab.workbook.params.CHAPTERS"
+    assert names == list(P.CHAPTERS[notebook.stem]), ("nexlab.workbook.params.CHAPTERS must list "
+                                                      "the parameters cell's names")
     first_call = next(n for n in ast.parse(setup_src).body if isinstance(n, ast.Expr))
     assert ast.unparse(first_call) == f"check_parameters('{notebook.stem}', globals())"
     # the committed defaults pass

@@ -1,6 +1,6 @@
-"""nexlab.quality: llama.cpp (llama-cpp-python) logits on held-out text -> KL, top-1 agreement, perplexity.
+"""nexlab.analysis.quality: llama.cpp (llama-cpp-python) logits on held-out text -> KL, top-1 agreement, perplexity.
 
-The oracles are independent of nexlab.quality: raw logits straight from ``llama_cpp.Llama`` in a
+The oracles are independent of nexlab.analysis.quality: raw logits straight from ``llama_cpp.Llama`` in a
 context of our own, scipy's log_softmax / rel_entr, the ``tokenizers`` library reading the
 checkpoint's tokenizer.json, llama.cpp's own GGUF tokenizer, and llama.cpp's ``llama-perplexity``
 tool (built by ``nexlab setup``) for the perplexity.
@@ -19,6 +19,7 @@ import pytest
 import scipy.special as scipy_special
 
 from nexlab.analysis import quality as Q
+from nexlab.model.tokenizer import encode_text
 
 CHUNK = 64
 N_CHUNKS = 3
@@ -48,7 +49,7 @@ def tiny(tmp_path_factory):
         files[label] = d / f"tiny-{label}.gguf"
         convert.convert_checkpoint(paths["nvfp4"], files[label], variant=variant, show_progress=False)
     text = paths["heldout_text"].read_text(encoding="utf-8")[:20000]
-    tokens = Q.tokenize_text(text, paths["tokenizer"])
+    tokens = encode_text(text, paths["tokenizer"])
     return {"dir": d, "files": files, "tokens": tokens, "text": text, "tokenizer": paths["tokenizer"]}
 
 
@@ -86,7 +87,7 @@ def test_tokens_equal_the_checkpoint_tokenizer_and_llama_cpp(tiny):
         ll = llm.tokenize(tiny["text"][:4000].encode("utf-8"), add_bos=False, special=False)
     finally:
         llm.close()
-    assert ll == Q.tokenize_text(tiny["text"][:4000], tiny["tokenizer"]).tolist()
+    assert ll == encode_text(tiny["text"][:4000], tiny["tokenizer"]).tolist()
 
 
 def test_chunks_are_consecutive_token_windows():
@@ -256,7 +257,8 @@ def test_perplexity_equals_llama_perplexity(tiny, tmp_path, label):
     text_file.write_text(tiny["text"], encoding="utf-8")
     cmd = [str(tool_path("llama-perplexity")), "-m", str(path), "-f", str(text_file), "-c", str(CHUNK),
            "-b", str(CHUNK), "-ub", str(CHUNK), "--chunks", str(n_chunks), "-t", str(THREADS), "-fa", "off"]
-    for _ in range(3):  # its last lines can be lost: llama.cpp's logger is not flushed at exit (see nexlab.bench)
+    # its last lines can be lost: llama.cpp's logger is not flushed at exit (see nexlab.analysis.bench)
+    for _ in range(3):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         log = run.stdout + run.stderr
         if run.returncode != 0 or "Final estimate" in log:
@@ -353,7 +355,7 @@ def test_non_finite_logits_are_refused():
 
 def test_missing_text_file_is_named(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        Q.tokenize_text(tmp_path / "missing.txt", tiny["tokenizer"])
+        encode_text(tmp_path / "missing.txt", tiny["tokenizer"])
 
 
 

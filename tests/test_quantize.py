@@ -1,10 +1,10 @@
-"""Type mixes of nexlab.quantize against llama.cpp's llama_model_quantize (llama-cpp-python).
+"""Type mixes of nexlab.model.mixes against llama.cpp's llama_model_quantize (llama-cpp-python).
 
 Each test builds a small qwen35moe GGUF with gguf-py (BF16 weights, F32 norms/routers/conv, NVFP4
 routed and shared experts with .scale sidecars; llama_model_quantize reads only the hyperparameters,
 so the tensors can be small), runs llama.cpp's quantizer on it with the NVFP4 tensors kept by
 tensor-type overrides (and optionally an imatrix), and compares, tensor by tensor, the types with
-nexlab.quantize.plan_types and the bytes with nexlab.quantize.quantize_tensor.
+nexlab.model.mixes.plan_types and the bytes with nexlab.formats.registry.quantize_tensor.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def check_against_llama(src, values, out, variant, n_layer, imatrix=None, n_expe
     n_bytes_checked = 0
     for t in r_out.tensors:
         plan = plans[t.name]
-        assert t.tensor_type.name == plan.ggml_type, f"{t.name}: llama.cpp {t.tensor_type.name}, nexlab {plan.ggml_type}"
+        assert t.tensor_type.name == plan.ggml_type, (f"{t.name}: llama.cpp {t.tensor_type.name}, "
+                                                      f"nexlab {plan.ggml_type}")
         got = np.asarray(t.data).tobytes()
         if plan.copy:
             assert got == src_bytes[t.name], t.name
@@ -270,7 +271,8 @@ def test_choose_type_documented_rules():
     assert Q.choose_type("output.weight", (248320, 2048), "q4_k_m", **kw) == "Q6_K"
     assert Q.choose_type("token_embd.weight", (248320, 2048), "q4_k_m", **kw) == "Q4_K"
     assert Q.choose_type("blk.5.ssm_out.weight", (2048, 4096), "q4_k_m", **kw) == "Q4_K"
-    assert Q.choose_type("blk.3.ffn_gate_exps.weight", (256, 512, 2048), "q4_k_m", source_ggml_type="NVFP4", **kw) == "NVFP4"
+    assert Q.choose_type("blk.3.ffn_gate_exps.weight", (256, 512, 2048), "q4_k_m", source_ggml_type="NVFP4",
+                         **kw) == "NVFP4"
     assert Q.choose_type("blk.3.ffn_down_shexp.weight", (2048, 512), "q8_0", source_ggml_type="NVFP4", **kw) == "NVFP4"
     assert Q.choose_type("blk.3.ffn_gate_exps.scale", (256,), "q4_k_m", source_ggml_type="F32", **kw) == "F32"
     assert Q.choose_type("blk.0.ssm_conv1d.weight", (8192, 4), "q8_0", source_ggml_type="F32", **kw) == "F32"
@@ -307,13 +309,12 @@ def test_bf16_rounding_matches_torch():
 
 @pytest.mark.slow
 def test_tiny_model_variants_equal_llama_model_quantize(tmp_path):
-    """NVFP4-BF16 GGUF of the tiny ModelOpt checkpoint (nexlab.convert) -> llama_model_quantize q4_k_m
-    (with and without an imatrix collected by nexlab.imatrix.collect_imatrix) and q8_0, NVFP4 kept:
+    """NVFP4-BF16 GGUF of the tiny ModelOpt checkpoint (nexlab.convert.text) -> llama_model_quantize q4_k_m
+    (with and without an imatrix collected by nexlab.analysis.imatrix.collect_imatrix) and q8_0, NVFP4 kept:
     every tensor's type and bytes equal nexlab's plan and quantizer."""
     from tokenizers import Tokenizer
 
-    from nexlab.analysis import imatrix as analysis_imatrix
-    from nexlab.analysis import reference
+    from nexlab.analysis import imatrix_torch, reference
     from nexlab.artifacts.tiny import ensure_tiny
     from nexlab.convert import text as convert
     from nexlab.ggufio import imatrix_file as IM
@@ -325,8 +326,8 @@ def test_tiny_model_variants_equal_llama_model_quantize(tmp_path):
     convert.convert_checkpoint(ckpt, src, variant="bf16", show_progress=False)
     tok = next(p for p in (ckpt / "tokenizer.json", ckpt.parent / "tokenizer" / "tokenizer.json") if p.exists())
     ids = Tokenizer.from_file(str(tok)).encode(calib.read_text(encoding="utf-8")[:20000]).ids
-    im = analysis_imatrix.collect_imatrix(reference.build_hf_model(ckpt), ids, chunk_size=128, n_chunks=2, dataset=str(calib),
-                            show_progress=False)
+    im = imatrix_torch.collect_imatrix(reference.build_hf_model(ckpt), ids, chunk_size=128, n_chunks=2,
+                                       dataset=str(calib), show_progress=False)
     weights = IM.quantize_weights(IM.read_imatrix(IM.write_imatrix(tmp_path / "tiny.imatrix.gguf", im)))
     r = gguf.GGUFReader(str(src))
     n_layer = int(r.fields["qwen35moe.block_count"].parts[-1][0])

@@ -1,4 +1,4 @@
-"""nexlab.results.markdown_table: the workbook's one table formatter (notebooks 00 and 04 show tables with it).
+"""nexlab.core.text.markdown_table: the workbook's one table formatter (notebooks 00 and 04 show tables with it).
 
 Expected strings are written out by hand, cell by cell, so a change of layout or number format fails here.
 """

@@ -1,10 +1,10 @@
-"""nexlab.roofline against independent counts.
+"""nexlab.analysis.roofline against independent counts.
 
 - Weight bytes per decode step against a count written here from the tensor table alone: gguf-py's
   GGUFReader on the tiny model's NVFP4 GGUF, and the full-size q4_k_m plan with sizes from
   gguf-py's GGML_QUANT_SIZES.
 - E(b) against a seeded Monte Carlo of uniform top-k routing.
-- Flops against nexlab.config's active parameter count (itself checked against transformers'
+- Flops against nexlab.model.config's active parameter count (itself checked against transformers'
   numel); KV and recurrent bytes against FACTS.md's figures for Nex-N2-mini.
 - Measured routing: the recorded routes against transformers' own router logits
   (``output_router_logits=True``), and the distinct counts against counts over those routes.
@@ -226,10 +226,10 @@ ROUTING_BATCHES = [1, 8, 64, 128]
 def routing(tiny):
     """128 positions (4 chunks of 32, each after 32 tokens of context): the pure-torch linear
     attention makes the reference forward the slow part; one model serves both tests."""
-    from nexlab.analysis.quality import tokenize_text
     from nexlab.analysis.reference import build_hf_model
+    from nexlab.model.tokenizer import encode_text
 
-    ids = tokenize_text(Path(tiny["heldout_text"]), tiny["tokenizer"])
+    ids = encode_text(Path(tiny["heldout_text"]), tiny["tokenizer"])
     model = build_hf_model(tiny["nvfp4"])
     res = R.distinct_experts_per_layer(tiny["nvfp4"], ids, batch_sizes=ROUTING_BATCHES, draws=8, seed=0,
                                        n_positions=128, chunk=32, context=32, model=model)

@@ -1,9 +1,9 @@
-"""nexlab.scales and ``nexlab convert --experts nvfp4``: NVFP4 scale rules on a BF16 checkpoint.
+"""nexlab.formats.scales and ``nexlab convert --experts nvfp4``: NVFP4 scale rules on a BF16 checkpoint.
 
 References: nvidia-modelopt 0.47.0 for ``max`` (the tiny model's NVFP4 checkpoint is ModelOpt's own
 export of the tiny BF16 weights: ``max`` must reproduce its weight / weight_scale / weight_scale_2 byte
 for byte, and the GGUF made from the BF16 checkpoint must equal the GGUF of that export, tensor for
-tensor); the exact float64 error of ModelOpt's encoding (:func:`nexlab.scales.block_errors`) for the
+tensor); the exact float64 error of ModelOpt's encoding (:func:`nexlab.formats.scales.block_errors`) for the
 choices ``4over6`` and ``search`` make; llama.cpp (llama-cpp-python) loads and runs every file.
 """
 

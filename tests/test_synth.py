@@ -1,7 +1,7 @@
-"""Synthetic checkpoints (nexlab.synth): the published ModelOpt NVFP4 layout, valid values.
+"""Synthetic checkpoints (nexlab.artifacts.synth): the published ModelOpt NVFP4 layout, valid values.
 
 References: transformers' Qwen3_5MoeForConditionalGeneration (names and shapes, on the meta
-device), nexlab.config.parameter_counts (34.66 B text parameters, itself tested against
+device), nexlab.model.config.parameter_counts (34.66 B text parameters, itself tested against
 transformers), nexlab's converter and checkpoint validator (every tensor the qwen35moe GGUF needs,
 nothing left over), and llama.cpp (loads the converted file, finite logits).
 """

@@ -1,7 +1,7 @@
 """The proof of issue 5: nexlab's NVFP4-Q4_K_M / NVFP4-Q8_0 files equal llama.cpp's.
 
 nexlab writes the variants straight from the ModelOpt checkpoint
-(``nexlab.convert.convert_checkpoint(ckpt, out, variant=..., imatrix=FILE)`` and
+(``nexlab.convert.text.convert_checkpoint(ckpt, out, variant=..., imatrix=FILE)`` and
 ``nexlab convert --variant ... --imatrix FILE``). The oracle is llama.cpp's own quantizer,
 ``llama_model_quantize`` through llama-cpp-python (``run_llama_quantize`` from tests/test_quantize.py:
 NVFP4 expert tensors kept by tensor-type overrides, the same imatrix passed as column weights), run on
@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_quantize import run_llama_quantize  # noqa: E402
 
-from nexlab.analysis import imatrix
+from nexlab.analysis import imatrix_torch
 from nexlab.ggufio import imatrix_file as IM  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def proof(tmp_path_factory):
     convert.convert_checkpoint(p["nvfp4"], src, variant="bf16", show_progress=False)
     ids = Tokenizer.from_file(str(p["tokenizer"] / "tokenizer.json")).encode(
         p["calib_text"].read_text(encoding="utf-8")[:20000]).ids
-    im = imatrix.collect_imatrix(reference.build_hf_model(p["nvfp4"]), ids, chunk_size=128, n_chunks=2,
+    im = imatrix_torch.collect_imatrix(reference.build_hf_model(p["nvfp4"]), ids, chunk_size=128, n_chunks=2,
                             dataset="calib.txt", show_progress=False)
     imf = IM.write_imatrix(d / "tiny.imatrix.gguf", im)
     return {"dir": d, "ckpt": p["nvfp4"], "src": src, "imatrix": Path(imf), "cache": {}}
@@ -206,7 +206,7 @@ def test_imatrix_missing_a_tensor_falls_back_like_llama_and_says_so(proof, tmp_p
     no_im = _tensors(_pair(proof, "q4_k_m", False)[0])
     assert t[name][2] == no_im[name][2]  # quantized without importance weights
     assert name in said and "did not find weights" in said, \
-        f"nexlab.convert fell back silently for {name} (llama.cpp logs 'did not find weights for {name}')"
+        f"nexlab.convert.text fell back silently for {name} (llama.cpp logs 'did not find weights for {name}')"
 
 
 def test_imatrix_of_the_wrong_length_is_refused_by_both(proof, tmp_path):

@@ -10,9 +10,12 @@ build, nexlab version, the exact command line).
   runs, and returns one flat record per measurement (:func:`llama_bench` and :func:`batched_bench`
   do one tool run each). ``nexlab bench FILE ...`` prints them as tables or JSON.
 - :func:`measure_bandwidth`: this machine's memory bandwidth by a large numpy copy (the roofline's
-  denominator for decode on CPU).
+  denominator for decode on CPU, :mod:`nexlab.analysis.roofline`). ``nexlab bandwidth``.
 - :func:`make_stock_q4_k_m`: the "stock" Q4_K_M comparison file (experts K-quants, not NVFP4) made by
   ``llama-quantize`` from the NVFP4-BF16 GGUF. ``nexlab stock IN.gguf -o OUT.gguf``.
+
+The tools are built by :mod:`nexlab.llamacpp.build` and run as :func:`nexlab.llamacpp.process.child_process`
+children; thread and stream-count lists are parsed by :func:`nexlab.core.text.parse_int_list`.
 
 What the tools measure (tools/llama-bench/llama-bench.cpp, tools/batched-bench/batched-bench.cpp of
 the llama.cpp tree llama-cpp-python 0.3.36 vendors):
@@ -60,7 +63,7 @@ from nexlab import __version__
 from nexlab.core.errors import NexlabError, ToolError
 from nexlab.core.fileio import atomic_output, atomic_write_text
 from nexlab.core.progress import progress
-from nexlab.core.text import _int, markdown_table, parse_int_list, plain
+from nexlab.core.text import int_at_least, markdown_table, parse_int_list, plain
 from nexlab.ggufio.check import check_gguf, open_gguf
 from nexlab.llamacpp import source as llamacpp
 from nexlab.llamacpp.build import tool_path
@@ -167,7 +170,8 @@ def llama_cpp_build() -> dict[str, Any]:
     built (``BUILD.json``: compiler, cmake options, time). The tree carries no git commit, so
     llama-bench's own ``build_commit`` reads ``unknown``; the sdist hash identifies the source."""
 
-    out: dict[str, Any] = {"llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION, "tools_dir": str(llamacpp.tools_dir())}
+    out: dict[str, Any] = {"llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
+                           "tools_dir": str(llamacpp.tools_dir())}
     for name, keys in (("SOURCE.json", ("sdist", "sdist_sha256")),
                        ("BUILD.json", ("cxx", "cmake_options", "built_at"))):
         f = (llamacpp.source_dir() if name == "SOURCE.json" else llamacpp.tools_dir()) / name
@@ -225,7 +229,7 @@ def batched_ctx(parallel: Sequence[int], npl_pp: int, npl_tg: int) -> int:
 
 
 def _check_common(threads: int, batch: int, ubatch: int) -> tuple[int, int, int]:
-    return _int(threads, "--threads", 1), _int(batch, "--batch", 1), _int(ubatch, "--ubatch", 1)
+    return int_at_least(threads, "--threads", 1), int_at_least(batch, "--batch", 1), int_at_least(ubatch, "--ubatch", 1)
 
 
 def llama_bench(file: str | os.PathLike, *, pp: int = 512, tg: int = 64, reps: int = 5, threads: int = 2,
@@ -237,7 +241,7 @@ def llama_bench(file: str | os.PathLike, *, pp: int = 512, tg: int = 64, reps: i
     ``llama_cpp``, ``nexlab_version``, ``command``), ``test``, ``reps`` and llama-bench's own
     :data:`LLAMA_BENCH_FIELDS` (``avg_ts``, ``stddev_ts`` in tokens/s, ``n_prompt``, ``n_gen``, ...).
     """
-    pp, tg, reps = _int(pp, "--pp", 0), _int(tg, "--tg", 0), _int(reps, "--reps", 1)
+    pp, tg, reps = int_at_least(pp, "--pp", 0), int_at_least(tg, "--tg", 0), int_at_least(reps, "--reps", 1)
     if pp == 0 and tg == 0:
         raise NexlabError("--pp and --tg are both 0: llama-bench would run no test")
     threads, batch, ubatch = _check_common(threads, batch, ubatch)
@@ -261,7 +265,8 @@ def _llama_bench(info: dict, device: dict, build: dict, *, pp: int, tg: int, rep
     for t in tests:
         missing = [k for k in LLAMA_BENCH_FIELDS if k not in t]
         if missing:
-            raise ToolError(f"llama-bench's JSON lacks {', '.join(missing)}: update nexlab.bench.LLAMA_BENCH_FIELDS")
+            raise ToolError(f"llama-bench's JSON lacks {', '.join(missing)}: "
+                            "update nexlab.analysis.bench.LLAMA_BENCH_FIELDS")
         test = f"pp{t['n_prompt']}" if t["n_gen"] == 0 else f"tg{t['n_gen']}" if t["n_prompt"] == 0 else \
             f"pp{t['n_prompt']}+tg{t['n_gen']}"
         records.append({**common, "test": test, "reps": reps, **{k: t[k] for k in LLAMA_BENCH_FIELDS}})
@@ -283,7 +288,7 @@ def batched_bench(file: str | os.PathLike, *, parallel: str | Iterable[int] = (1
     ``speed_pp`` = S_PP, ``speed_tg`` = S_TG, ``speed`` = S, all tokens/s; ``t_*`` seconds).
     """
     parallel = parse_int_list(parallel, "--parallel")
-    npl_pp, npl_tg = _int(npl_pp, "--npl-pp", 1), _int(npl_tg, "--npl-tg", 1)
+    npl_pp, npl_tg = int_at_least(npl_pp, "--npl-pp", 1), int_at_least(npl_tg, "--npl-tg", 1)
     threads, batch, ubatch = _check_common(threads, batch, ubatch)
     return _batched_bench(gguf_summary(file), device_info(), llama_cpp_build(), parallel=parallel, npl_pp=npl_pp,
                           npl_tg=npl_tg, threads=threads, batch=batch, ubatch=ubatch, label=label)
@@ -311,7 +316,7 @@ def _batched_bench(info: dict, device: dict, build: dict, *, parallel: tuple[int
                 missing = [k for k in BATCHED_BENCH_FIELDS if k not in row]
                 if missing:
                     raise ToolError(f"llama-batched-bench's JSONL lacks {', '.join(missing)}: "
-                                       "update nexlab.bench.BATCHED_BENCH_FIELDS")
+                                       "update nexlab.analysis.bench.BATCHED_BENCH_FIELDS")
                 rows.setdefault(row["pl"], row)
                 runs.setdefault(row["pl"], attempt)
     absent = [b for b in parallel if b not in rows]
@@ -345,12 +350,12 @@ def run_bench(files: str | os.PathLike | Sequence[str | os.PathLike], *, pp: int
     if threads is None:
         threads = (len(os.sched_getaffinity(0)),)
     thread_list = parse_int_list(threads, "--threads")
-    pp, tg, reps = _int(pp, "--pp", 0), _int(tg, "--tg", 0), _int(reps, "--reps", 1)
+    pp, tg, reps = int_at_least(pp, "--pp", 0), int_at_least(tg, "--tg", 0), int_at_least(reps, "--reps", 1)
     if single and pp == 0 and tg == 0:
         raise NexlabError("--pp and --tg are both 0: llama-bench would run no test")
     par = None if parallel is None else parse_int_list(parallel, "--parallel")
-    npl_pp, npl_tg = _int(npl_pp, "--npl-pp", 1), _int(npl_tg, "--npl-tg", 1)
-    batch, ubatch = _int(batch, "--batch", 1), _int(ubatch, "--ubatch", 1)
+    npl_pp, npl_tg = int_at_least(npl_pp, "--npl-pp", 1), int_at_least(npl_tg, "--npl-tg", 1)
+    batch, ubatch = int_at_least(batch, "--batch", 1), int_at_least(ubatch, "--ubatch", 1)
     if not single and par is None:
         raise NexlabError("nothing to run: llama-bench and llama-batched-bench both skipped")
     infos = [gguf_summary(f) for f in files]
@@ -410,7 +415,7 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]
     (most servers) this is a lower bound for what llama.cpp's multi-threaded decode can draw.
     """
 
-    nbytes, repeats = _int(nbytes, "nbytes", 1), _int(repeats, "repeats", 1)
+    nbytes, repeats = int_at_least(nbytes, "nbytes", 1), int_at_least(repeats, "repeats", 1)
     src = np.empty(nbytes, dtype=np.uint8)
     src.fill(1)
     dst = np.zeros_like(src)
@@ -431,7 +436,8 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]
 _QUANTIZE_PROGRESS = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
-def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike, imatrix: str | os.PathLike | None = None,
+def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike,
+                      imatrix: str | os.PathLike | None = None,
                       threads: int = 2, show_progress: bool = True) -> dict[str, Any]:
     """The "stock" comparison file: ``llama-quantize --allow-requantize [--imatrix F] IN OUT Q4_K_M THREADS``.
 
@@ -454,7 +460,7 @@ def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike
     """
 
 
-    threads = _int(threads, "--threads", 1)
+    threads = int_at_least(threads, "--threads", 1)
     src = gguf_summary(nvfp4_bf16_gguf)
     out = Path(out)
     if out.resolve() == Path(src["path"]).resolve():
@@ -476,7 +482,8 @@ def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike
         cmd = [*shown[:-3], str(tmp), *shown[-2:]]
         tail: list[str] = []
         # stopped with its children on an error or Ctrl-C; atomic_output then removes its file
-        with child_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc, \
+        with child_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           errors="replace") as proc, \
                 progress(total=sum(src["tensor_types"].values()), desc=f"quantize {out.name}",
                          show_progress=show_progress) as bar:
             assert proc.stdout is not None
@@ -500,12 +507,10 @@ def make_stock_q4_k_m(nvfp4_bf16_gguf: str | os.PathLike, out: str | os.PathLike
 
 # ----------------------------------------------------------------------------- CLI
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.quiet:
-        os.environ["NEXLAB_NO_PROGRESS"] = "1"
     records = run_bench(args.files, pp=args.pp, tg=args.tg, reps=args.reps,
                         parallel=None if args.no_batched else args.parallel, npl_pp=args.npl_pp,
                         npl_tg=args.npl_tg, threads=args.threads, labels=args.label, batch=args.batch,
-                        ubatch=args.ubatch, single=not args.no_single)
+                        ubatch=args.ubatch, single=not args.no_single, show_progress=not args.quiet)
 
     text = json.dumps(plain(records), indent=2) + "\n"
     if args.output:
@@ -540,7 +545,7 @@ def _cmd_stock(args: argparse.Namespace) -> int:
 def _cmd_bandwidth(args: argparse.Namespace) -> int:
     if not args.gib > 0:
         raise NexlabError(f"--gib must be a positive size in GiB, got {args.gib}")
-    r = measure_bandwidth(int(args.gib * 2**30), _int(args.repeats, "--repeats", 1))
+    r = measure_bandwidth(int(args.gib * 2**30), int_at_least(args.repeats, "--repeats", 1))
     print(f"copy of {r['nbytes'] / 2**30:.3g} GiB, best of {r['repeats']}: {r['copy_gb_s']:.2f} GB/s copied, "
           f"{r['read_write_gb_s']:.2f} GB/s read+write (roofline figure; numpy, one thread)")
     return 0

@@ -9,8 +9,8 @@ Collection, two ways (``nexlab imatrix MODEL`` picks one from MODEL):
 * :func:`collect_imatrix_gguf` - a GGUF file, through llama.cpp with an evaluation callback, as
   llama-imatrix does (same chunks, same nodes, same names; tests/test_imatrix_gguf.py runs the real
   llama-imatrix beside it). The weights stay memory-mapped: this is the path for the real model.
-* :func:`collect_imatrix` - a checkpoint directory, through transformers' reference model (a
-  float32 copy of the whole model: the tiny teaching model only).
+* :func:`nexlab.analysis.imatrix_torch.collect_imatrix` - a checkpoint directory, through
+  transformers' reference model (a float32 copy of the whole model: the tiny teaching model only).
 
 :func:`run_llama_imatrix` runs llama.cpp's own ``llama-imatrix`` as the reference;
 :func:`compare_imatrix`, :func:`relative_drift` and :func:`unrouted_experts` compare and inspect the
@@ -26,129 +26,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from nexlab.analysis.imatrix_torch import collect_imatrix
 from nexlab.analysis.reference import build_hf_model
 from nexlab.core.errors import NexlabError, ToolError
 from nexlab.core.progress import progress
 from nexlab.ggufio.imatrix_file import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from nexlab.llamacpp.build import tool_path
 from nexlab.llamacpp.libggml import (
-    _GGML_OP_MUL_MAT,
-    _GGML_OP_MUL_MAT_ID,
-    _GGML_TYPE_F32,
-    _GGML_TYPE_I32,
-    _ggml,
-    _GgmlTensor,
+    GGML_OP_MUL_MAT,
+    GGML_OP_MUL_MAT_ID,
+    GGML_TYPE_F32,
+    GGML_TYPE_I32,
+    GgmlTensor,
+    ggml_collector_lib,
 )
 from nexlab.llamacpp.runtime import capture_llama_log, check_gguf_path, open_model
-from nexlab.model import qwen35moe as Q
-from nexlab.model.qwen35moe import _linear_attn_out_perm
-
-
-def collect_imatrix(model, tokens, *, chunk_size: int = 512, n_chunks: int | None = None,
-                    dataset: str = "", process_output: bool = False, show_progress: bool = True) -> Imatrix:
-    """Collect llama-imatrix's statistics from transformers' Qwen3_5MoeForCausalLM on ``tokens``.
-
-    ``tokens`` (a flat sequence of ids) is cut into ``chunk_size`` pieces (a partial last piece is
-    dropped, as llama-imatrix does); each chunk is one forward pass. For every matmul weight, named by
-    its GGUF tensor name, it accumulates the per-input-column sum of squared inputs and the number of
-    input rows (tokens), as ``IMatrixCollector::collect_imatrix`` does:
-
-    * nn.Linear weights of the blocks (attention, linear attention, shared expert, shared-expert gate)
-      and the router (``ffn_gate_inp``): one row, count = tokens; ``output.weight`` (lm_head) only with
-      ``process_output=True`` (llama-imatrix's ``--process-output``; off by default there too);
-    * routed experts (``ffn_gate_exps``/``ffn_up_exps`` share the routed hidden states,
-      ``ffn_down_exps`` sees ``act(gate) * up``): one row per expert, count = (token, slot) pairs routed
-      to it (an expert never chosen keeps count 0, so llama-quantize gives it weights 1).
-
-    ``ssm_out`` columns are permuted like the converter permutes that weight's columns. Sums are kept in
-    float64 and stored as float32. The model computes in its own precision (the reference path), so the
-    numbers are close to, not bit-equal with, what llama-imatrix measures on the GGUF.
-    """
-    import torch  # noqa: PLC0415
-
-
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", cfg)
-    tokens = [int(t) for t in tokens]
-    total = len(tokens) // chunk_size
-    if n_chunks is not None:
-        total = min(total, int(n_chunks))
-    if total < 1:
-        raise NexlabError(f"need at least one chunk of {chunk_size} tokens, got {len(tokens)} tokens")
-    perm = _linear_attn_out_perm(cfg)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-
-    def add(name: str, x, row: int = 0, n_rows: int = 1):
-        x = x.detach().double().reshape(-1, x.shape[-1])
-        s = (x * x).sum(dim=0).numpy()
-        if name not in sums:
-            sums[name] = np.zeros((n_rows, s.shape[0]), np.float64)
-            counts[name] = np.zeros(n_rows, np.float64)
-        sums[name][row] += s
-        counts[name][row] += x.shape[0]
-
-    hooks = []
-    for mname, mod in model.named_modules():
-        cls = type(mod).__name__
-        if isinstance(mod, torch.nn.Linear):
-            try:
-                gname = Q.gguf_name(mname + ".weight")
-            except ValueError:
-                continue
-            if not (gname.startswith("blk.") or (process_output and gname == "output.weight")):
-                continue  # llama-imatrix collects blk.* (and output.weight on request) only
-            if gname.endswith("ssm_out.weight") and perm is not None:
-                hooks.append(mod.register_forward_pre_hook(
-                    lambda m, a, g=gname: add(g, a[0][..., torch.from_numpy(perm)])))
-            else:
-                hooks.append(mod.register_forward_pre_hook(lambda m, a, g=gname: add(g, a[0])))
-        elif cls.endswith("TopKRouter"):
-            gname = Q.gguf_name(mname + ".weight")
-            hooks.append(mod.register_forward_pre_hook(lambda m, a, g=gname: add(g, a[0])))
-        elif cls.endswith("Experts") and hasattr(mod, "gate_up_proj"):
-            layer = int(mname.split(".")[2])
-
-            def experts_hook(m, a, layer=layer):
-                h, idx = a[0].detach(), a[1]
-                E = m.num_experts
-                names = [Q.expert_gguf_name(layer, p) for p in Q.EXPERT_PROJS]
-                for e in range(E):
-                    tok = (idx == e).nonzero()[:, 0]
-                    if tok.numel() == 0:
-                        for nm in names:  # make sure the entry exists with count 0
-                            if nm not in sums:
-                                dim = m.intermediate_dim if nm.endswith("down_exps.weight") else m.hidden_dim
-                                sums[nm] = np.zeros((E, dim), np.float64)
-                                counts[nm] = np.zeros(E, np.float64)
-                        continue
-                    x = h[tok]
-                    add(names[0], x, e, E)
-                    add(names[1], x, e, E)
-                    gate, up = torch.nn.functional.linear(x, m.gate_up_proj[e]).chunk(2, dim=-1)
-                    add(names[2], m.act_fn(gate) * up, e, E)
-
-            hooks.append(mod.register_forward_pre_hook(experts_hook))
-    try:
-        it = range(total)
-        it = progress(it, total=total, desc="imatrix chunks", show_progress=show_progress)
-        with torch.no_grad():
-            for c in it:
-                ids = torch.tensor([tokens[c * chunk_size : (c + 1) * chunk_size]])
-                model(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    entries = {}
-    for name in sorted(sums):
-        s = sums[name]
-        if not np.isfinite(s).all():
-            raise NexlabError(f"non-finite activations detected in {name}")
-        entries[name] = ImatrixEntry(s.astype(np.float32), counts[name].astype(np.float32))
-    return Imatrix(entries, [dataset] if dataset else [], total, chunk_size)
-
+from nexlab.model.tokenizer import encode_text
 
 _MIN_DENSE_ROWS = 16  # llama-imatrix asks for no dense matmul over fewer than 16 activation rows
 
@@ -170,9 +64,9 @@ class _EvalCollector:
     """
 
     def __init__(self, process_output: bool):
-        import llama_cpp  # noqa: PLC0415
+        import llama_cpp  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
 
-        self.L = _ggml()
+        self.L = ggml_collector_lib()
         self.process_output = bool(process_output)
         self.sums: dict[str, np.ndarray] = {}  # float64 [rows, ne0]: rows = experts, or matrices of a 3-D weight
         self.counts: dict[str, np.ndarray] = {}  # int64 [n_counts]: experts, or 1 for a dense weight
@@ -183,7 +77,7 @@ class _EvalCollector:
         if self.error is not None:
             return False
         try:
-            node = _GgmlTensor.from_address(t)
+            node = GgmlTensor.from_address(t)
             if ask:
                 return self._wanted(node)
             self._collect(node)
@@ -192,18 +86,18 @@ class _EvalCollector:
             self.error = exc
             return False
 
-    def _wanted(self, node: _GgmlTensor) -> bool:
-        if node.op == _GGML_OP_MUL_MAT_ID:
+    def _wanted(self, node: GgmlTensor) -> bool:
+        if node.op == GGML_OP_MUL_MAT_ID:
             return True  # every indirect matmul: the routed experts
-        if node.op != _GGML_OP_MUL_MAT:
+        if node.op != GGML_OP_MUL_MAT:
             return False
-        src1 = _GgmlTensor.from_address(node.src[1])
-        if src1.ne[1] < _MIN_DENSE_ROWS or src1.type != _GGML_TYPE_F32:
+        src1 = GgmlTensor.from_address(node.src[1])
+        if src1.ne[1] < _MIN_DENSE_ROWS or src1.type != GGML_TYPE_F32:
             return False
-        name = _weight_name(_GgmlTensor.from_address(node.src[0]).name)
+        name = _weight_name(GgmlTensor.from_address(node.src[0]).name)
         return name.startswith("blk.") or (self.process_output and name == "output.weight")
 
-    def _array(self, ptr: int, t: _GgmlTensor, dtype, what: str) -> np.ndarray:
+    def _array(self, ptr: int, t: GgmlTensor, dtype, what: str) -> np.ndarray:
         """The tensor's data as a numpy view ``[ne3, ne2, ne1, ne0]`` honouring its byte strides ``nb``
         (copied first when it lives outside host memory)."""
         dtype = np.dtype(dtype)
@@ -229,19 +123,19 @@ class _EvalCollector:
                              f"{s.size} values and {c.size} counts before")
         return s, c
 
-    def _collect(self, node: _GgmlTensor) -> None:
-        src0 = _GgmlTensor.from_address(node.src[0])
-        src1 = _GgmlTensor.from_address(node.src[1])
+    def _collect(self, node: GgmlTensor) -> None:
+        src0 = GgmlTensor.from_address(node.src[0])
+        src1 = GgmlTensor.from_address(node.src[1])
         name = _weight_name(src0.name)
-        if src1.type != _GGML_TYPE_F32:
+        if src1.type != GGML_TYPE_F32:
             raise NexlabError(f"{name}: activations of type {src1.type}, llama-imatrix reads F32 only")
         x = self._array(node.src[1], src1, np.float32, f"{name} activations")  # [ne3, ne2, ne1, ne0]
         ne0 = int(src1.ne[0])
-        if node.op == _GGML_OP_MUL_MAT_ID:
+        if node.op == GGML_OP_MUL_MAT_ID:
             # src1 [ne0, ne11 (1 = shared by all slots, or n_expert_used), n_tokens]; ids [n_used, n_tokens]
-            ids_t = _GgmlTensor.from_address(node.src[2])
+            ids_t = GgmlTensor.from_address(node.src[2])
             n_as, n_tok, ne11 = int(src0.ne[2]), int(src1.ne[2]), int(src1.ne[1])
-            if ids_t.type != _GGML_TYPE_I32 or ids_t.ne[1] != n_tok:
+            if ids_t.type != GGML_TYPE_I32 or ids_t.ne[1] != n_tok:
                 raise NexlabError(f"{name}: expert ids of type {ids_t.type} and shape {list(ids_t.ne)} do not match "
                                  f"{n_tok} tokens")
             if src1.ne[3] != 1:
@@ -327,8 +221,7 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
     ggml_tensor's byte strides. Raises ValueError / FileNotFoundError for a missing or unreadable GGUF,
     bad sizes or too little text.
     """
-    import llama_cpp as ll  # noqa: PLC0415
-
+    import llama_cpp as ll  # noqa: PLC0415  (heavy: llama-cpp-python's bindings)
 
     n_ctx = _positive("n_ctx", n_ctx, "--ctx")
     if n_chunks is not None:
@@ -339,11 +232,10 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
     path = check_gguf_path(model_path)
     n_batch_arg = n_batch
     n_seq = max(1, n_batch // n_ctx)  # llama-imatrix's main(): parallel sequences per decode
-    n_kv = n_seq * n_ctx
-    n_batch = min(n_batch, n_kv)
+    n_batch = min(n_batch, n_seq * n_ctx)
     if n_seq > ll.llama_max_parallel_sequences():
         raise NexlabError(f"--ctx {n_ctx} with --batch-size {n_batch_arg} means {n_seq} parallel chunks; llama.cpp "
-                         f"allows {ll.llama_max_parallel_sequences()}: raise --ctx or lower --batch-size")
+                          f"allows {ll.llama_max_parallel_sequences()}: raise --ctx or lower --batch-size")
 
     collector = _EvalCollector(process_output)
     llm = open_model(path, n_ctx=64, n_threads=n_threads, n_batch=64)
@@ -352,78 +244,11 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
         vocab = ll.llama_model_get_vocab(llm.model)
         if ll.llama_vocab_get_add_eos(vocab):
             raise NexlabError(f"{path}: the vocabulary appends EOS to every text; llama-imatrix refuses such a model")
-        if isinstance(text, (str, bytes)):
-            data = text.encode("utf-8") if isinstance(text, str) else text
-            tokens = np.asarray(llm.tokenize(data, add_bos=True, special=False), np.int32)
-        else:
-            tokens = np.asarray(list(text), np.int64)
-            n_vocab = ll.llama_vocab_n_tokens(vocab)
-            if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() >= n_vocab)):
-                raise NexlabError(f"token ids must be a flat sequence in [0, {n_vocab})")
-            tokens = tokens.astype(np.int32)
-        if tokens.size < 2 * n_ctx:
-            raise NexlabError(f"the calibration text tokenizes to {tokens.size} tokens; llama-imatrix needs at least "
-                             f"2 * ctx = {2 * n_ctx} for --ctx {n_ctx}")
-        total = tokens.size // n_ctx
-        if n_chunks is not None:
-            total = min(total, n_chunks)
-        add_bos = bool(ll.llama_vocab_get_add_bos(vocab))
-        bos = int(ll.llama_vocab_bos(vocab))
-
-        cp = ll.llama_context_default_params()  # then what common_context_params_to_llama sets for llama-imatrix
-        cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch = n_kv, n_seq, n_batch, n_ubatch
-        cp.n_threads = cp.n_threads_batch = n_threads
-        cp.swa_full = False
-        cp.no_perf = False
-        cp.cb_eval = collector.c_callback
-        cp.cb_eval_user_data = None
-        with capture_llama_log(200) as log:
-            ctx = ll.llama_init_from_model(llm.model, cp)
-        if not ctx:
-            raise NexlabError(f"llama.cpp could not create a context for {path} (n_ctx {n_kv}, {n_seq} sequences): "
-                             + " ".join("".join(log).split())[-500:])
-
-        # the batch: numpy arrays llama_decode reads through a llama_batch of pointers
-        tok = np.zeros(n_batch, np.int32)
-        pos = np.zeros(n_batch, np.int32)
-        n_seq_id = np.ones(n_batch, np.int32)
-        seq = np.zeros(n_batch, np.int32)
-        seq_ptr = (seq.ctypes.data + seq.itemsize * np.arange(n_batch)).astype(np.uintp)
-        logits = np.ones(n_batch, np.int8)  # every token an output, as llama-imatrix (output.weight sees them all)
-        batch = ll.llama_batch(
-            n_tokens=0, token=tok.ctypes.data_as(ctypes.POINTER(ll.llama_token)), embd=None,
-            pos=pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos)),
-            n_seq_id=n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=ctypes.cast(seq_ptr.ctypes.data, ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id))),
-            logits=logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
-        num_batches = -(-n_ctx // n_batch)
-        pbar = progress(total=total, desc="imatrix chunks", show_progress=show_progress)
-        try:
-            for i in range(0, total, n_seq):
-                n_seq_batch = min(n_seq, total - i)
-                start, end = i * n_ctx, (i + 1) * n_ctx
-                ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
-                for j in range(num_batches):
-                    batch_start = start + j * n_batch
-                    size = min(end - batch_start, n_batch)
-                    seg = tokens[batch_start + np.arange(n_seq_batch)[:, None] * n_ctx + np.arange(size)[None, :]]
-                    if add_bos and j == 0:
-                        seg[:, 0] = bos
-                    n = n_seq_batch * size
-                    tok[:n] = seg.reshape(-1)
-                    pos[:n] = np.tile(j * n_batch + np.arange(size, dtype=np.int32), n_seq_batch)
-                    seq[:n] = np.repeat(np.arange(n_seq_batch, dtype=np.int32), size)
-                    batch.n_tokens = n
-                    with capture_llama_log(200) as log:
-                        rc = ll.llama_decode(ctx, batch)
-                    if collector.error is not None:
-                        raise collector.error
-                    if rc != 0:
-                        raise ToolError(f"llama_decode failed ({rc}) on chunks {i + 1}..{i + n_seq_batch}: "
-                                           + " ".join("".join(log).split())[-500:])
-                pbar.update(n_seq_batch)
-        finally:
-            pbar.close()
+        tokens = _calibration_tokens(llm, vocab, text, n_ctx)
+        total = tokens.size // n_ctx if n_chunks is None else min(tokens.size // n_ctx, n_chunks)
+        ctx = _collector_context(llm, path, collector, n_seq * n_ctx, n_seq, n_batch, n_ubatch, n_threads)
+        bos = int(ll.llama_vocab_bos(vocab)) if ll.llama_vocab_get_add_bos(vocab) else None
+        _decode_chunks(ctx, tokens, total, n_seq, n_ctx, n_batch, bos, collector, show_progress)
     finally:
         if ctx:
             ll.llama_free(ctx)
@@ -431,6 +256,111 @@ def collect_imatrix_gguf(model_path: str | os.PathLike, text: str | bytes | Sequ
     if not collector.sums:
         raise NexlabError(f"{path}: llama.cpp ran no matrix multiplication llama-imatrix would collect")
     return collector.imatrix(dataset, n_ctx)
+
+
+def _calibration_tokens(llm, vocab, text: str | bytes | Sequence[int], n_ctx: int) -> np.ndarray:
+    """``text`` tokenized by llama.cpp (BOS added, specials not parsed: ``common_tokenize(ctx, text, true,
+    false)``), or token ids checked against the vocabulary; at least ``2 * n_ctx`` of them."""
+    import llama_cpp as ll  # noqa: PLC0415  (heavy: llama-cpp-python's bindings)
+
+    if isinstance(text, (str, bytes)):
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        tokens = np.asarray(llm.tokenize(data, add_bos=True, special=False), np.int32)
+    else:
+        tokens = np.asarray(list(text), np.int64)
+        n_vocab = ll.llama_vocab_n_tokens(vocab)
+        if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() >= n_vocab)):
+            raise NexlabError(f"token ids must be a flat sequence in [0, {n_vocab})")
+        tokens = tokens.astype(np.int32)
+    if tokens.size < 2 * n_ctx:
+        raise NexlabError(f"the calibration text tokenizes to {tokens.size} tokens; llama-imatrix needs at least "
+                          f"2 * ctx = {2 * n_ctx} for --ctx {n_ctx}")
+    return tokens
+
+
+def _collector_context(llm, path: Path, collector: _EvalCollector, n_kv: int, n_seq: int, n_batch: int,
+                       n_ubatch: int, n_threads: int):
+    """A second llama.cpp context on the open model with the collector as its evaluation callback, set up
+    as ``common_context_params_to_llama`` sets llama-imatrix's."""
+    import llama_cpp as ll  # noqa: PLC0415  (heavy: llama-cpp-python's bindings)
+
+    cp = ll.llama_context_default_params()
+    cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch = n_kv, n_seq, n_batch, n_ubatch
+    cp.n_threads = cp.n_threads_batch = n_threads
+    cp.swa_full = False
+    cp.no_perf = False
+    cp.cb_eval = collector.c_callback
+    cp.cb_eval_user_data = None
+    with capture_llama_log(200) as log:
+        ctx = ll.llama_init_from_model(llm.model, cp)
+    if not ctx:
+        raise NexlabError(f"llama.cpp could not create a context for {path} (n_ctx {n_kv}, {n_seq} sequences): "
+                          + " ".join("".join(log).split())[-500:])
+    return ctx
+
+
+class _Batch:
+    """A ``llama_batch`` whose token, position and sequence arrays are numpy buffers (every token an
+    output, as llama-imatrix: ``output.weight`` sees them all)."""
+
+    def __init__(self, n_batch: int):
+        import llama_cpp as ll  # noqa: PLC0415  (heavy: llama-cpp-python's bindings)
+
+        self.tok = np.zeros(n_batch, np.int32)
+        self.pos = np.zeros(n_batch, np.int32)
+        self.n_seq_id = np.ones(n_batch, np.int32)
+        self.seq = np.zeros(n_batch, np.int32)
+        self.seq_ptr = (self.seq.ctypes.data + self.seq.itemsize * np.arange(n_batch)).astype(np.uintp)
+        self.logits = np.ones(n_batch, np.int8)
+        self.batch = ll.llama_batch(
+            n_tokens=0, token=self.tok.ctypes.data_as(ctypes.POINTER(ll.llama_token)), embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self.seq_ptr.ctypes.data, ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id))),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+
+    def fill(self, seg: np.ndarray, first_pos: int) -> None:
+        """``seg`` [n_seq, size]: sequence k's tokens at positions ``first_pos ..``."""
+        n_seq, size = seg.shape
+        n = n_seq * size
+        self.tok[:n] = seg.reshape(-1)
+        self.pos[:n] = np.tile(first_pos + np.arange(size, dtype=np.int32), n_seq)
+        self.seq[:n] = np.repeat(np.arange(n_seq, dtype=np.int32), size)
+        self.batch.n_tokens = n
+
+
+def _decode_chunks(ctx, tokens: np.ndarray, total: int, n_seq: int, n_ctx: int, n_batch: int, bos: int | None,
+                   collector: _EvalCollector, show_progress: bool) -> None:
+    """llama-imatrix's ``compute_imatrix`` loop: ``n_seq`` chunks at a time as parallel sequences from
+    position 0 with a cleared memory, the first token of each replaced by ``bos`` (when the vocabulary
+    adds one), ``n_batch`` tokens per ``llama_decode``."""
+    import llama_cpp as ll  # noqa: PLC0415  (heavy: llama-cpp-python's bindings)
+
+    b = _Batch(n_batch)
+    num_batches = -(-n_ctx // n_batch)
+    pbar = progress(total=total, desc="imatrix chunks", show_progress=show_progress)
+    try:
+        for i in range(0, total, n_seq):
+            n_seq_batch = min(n_seq, total - i)
+            start, end = i * n_ctx, (i + 1) * n_ctx
+            ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
+            for j in range(num_batches):
+                batch_start = start + j * n_batch
+                size = min(end - batch_start, n_batch)
+                seg = tokens[batch_start + np.arange(n_seq_batch)[:, None] * n_ctx + np.arange(size)[None, :]]
+                if bos is not None and j == 0:
+                    seg[:, 0] = bos
+                b.fill(seg, j * n_batch)
+                with capture_llama_log(200) as log:
+                    rc = ll.llama_decode(ctx, b.batch)
+                if collector.error is not None:
+                    raise collector.error
+                if rc != 0:
+                    raise ToolError(f"llama_decode failed ({rc}) on chunks {i + 1}..{i + n_seq_batch}: "
+                                    + " ".join("".join(log).split())[-500:])
+            pbar.update(n_seq_batch)
+    finally:
+        pbar.close()
 
 
 def read_calibration_text(path: str | os.PathLike) -> bytes:
@@ -549,7 +479,7 @@ def _cmd_imatrix_checkpoint(args) -> int:
     if args.chunks is not None and args.chunks < 1:
         raise NexlabError(f"--chunks must be at least 1, got {args.chunks}")
     text = Path(args.text).read_text(encoding="utf-8")
-    ids = Tokenizer.from_file(str(tok_file)).encode(text, add_special_tokens=False).ids
+    ids = encode_text(text, tok_file).tolist()
     model = build_hf_model(model_dir)
     im = collect_imatrix(model, ids, chunk_size=args.ctx, n_chunks=args.chunks, dataset=str(args.text),
                          process_output=args.process_output)

@@ -128,7 +128,8 @@ def weight_budget(hp: Q.HParams, variant: str = "bf16", nvfp4: str = "mlp") -> l
 
 
 def _specs_of_gguf(reader: "gguf.GGUFReader") -> list[layout.TensorSpec]:
-    return [layout.TensorSpec(t.name, tuple(int(x) for x in reversed(t.shape)), QT(int(t.tensor_type))) for t in reader.tensors]
+    return [layout.TensorSpec(t.name, tuple(int(x) for x in reversed(t.shape)), QT(int(t.tensor_type)))
+            for t in reader.tensors]
 
 
 def gguf_file_size_from_gguf(path: str | Path, variant: str | None = None,
@@ -221,10 +222,10 @@ def llama_ctx_layout(n_ctx: int, n_seq: int = 1, kv_unified: bool = False) -> tu
         raise NexlabError(f"n_ctx must be an int >= 1, got {n_ctx!r}")
     if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= LLAMA_MAX_SEQ:
         raise NexlabError(f"n_seq (parallel sequences) must be an int in [1, {LLAMA_MAX_SEQ}], got {n_seq!r}")
-    ctx = -(-n_ctx // _CTX_PAD) * _CTX_PAD
+    ctx = pad(n_ctx, _CTX_PAD)
     if kv_unified:
         return ctx, ctx, 1
-    ctx_seq = -(-(ctx // n_seq) // _CTX_PAD) * _CTX_PAD
+    ctx_seq = pad(ctx // n_seq, _CTX_PAD)
     if ctx_seq == 0:
         raise NexlabError("n_ctx_seq == 0")  # llama.cpp throws the same
     return ctx_seq * n_seq, ctx_seq, n_seq
@@ -349,7 +350,8 @@ def estimate(model: Q.HParams | str | Path, variant: str | None = "q4_k_m", n_ct
     else:
         specs = qwen35moe.tensor_plan(model, variant or "bf16", nvfp4=nvfp4_scope)
         header = _estimated_header_nbytes(model, specs, variant or "bf16")
-        wbytes, fbytes, exact = weights_bytes(specs), header + sum(pad(s.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for s in specs), False
+        wbytes, fbytes, exact = (weights_bytes(specs),
+                                 header + sum(pad(s.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for s in specs), False)
     if mmproj_bytes is None:
         if not model.vision:
             raise NexlabError(f"{model.name} has no vision config: pass mmproj_bytes explicitly")
@@ -388,9 +390,12 @@ def _cli(args: argparse.Namespace) -> int:
     print(f"model {est.model}  variant {est.variant}  n_ctx {est.n_ctx} (asked {kv['n_ctx_requested']}, "
           f"{kv['n_stream']} stream(s) x {kv['n_ctx_seq']} cells)  sequences {est.n_seq}")
     print(f"  weights          {_fmt(est.weights_bytes)}")
-    print(f"  gguf file        {_fmt(est.gguf_file_bytes)}  ({'exact' if est.gguf_file_exact else 'tokenizer metadata estimated'})")
-    print(f"  KV cache         {_fmt(est.kv_bytes)}  ({kv['n_layers']} layers, K {kv['type_k']} {kv['k_bytes']:,} B, V {kv['type_v']} {kv['v_bytes']:,} B)")
-    print(f"  recurrent state  {_fmt(est.recurrent_bytes)}  ({rs['n_layers']} layers, {rs['cells']} cells, r {rs['r_bytes']:,} B, s {rs['s_bytes']:,} B)")
+    print(f"  gguf file        {_fmt(est.gguf_file_bytes)}  "
+          f"({'exact' if est.gguf_file_exact else 'tokenizer metadata estimated'})")
+    print(f"  KV cache         {_fmt(est.kv_bytes)}  ({kv['n_layers']} layers, "
+          f"K {kv['type_k']} {kv['k_bytes']:,} B, V {kv['type_v']} {kv['v_bytes']:,} B)")
+    print(f"  recurrent state  {_fmt(est.recurrent_bytes)}  ({rs['n_layers']} layers, {rs['cells']} cells, "
+          f"r {rs['r_bytes']:,} B, s {rs['s_bytes']:,} B)")
     print(f"  mmproj           {_fmt(est.mmproj_bytes)}")
     print(f"  total            {_fmt(est.total_bytes)}  (compute buffers not included)")
     for w in est.warnings:

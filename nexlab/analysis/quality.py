@@ -52,27 +52,6 @@ import numpy as np
 from nexlab.core.errors import NexlabError, NexlabTypeError
 from nexlab.core.progress import progress
 from nexlab.llamacpp.runtime import check_gguf_path, open_model
-from nexlab.model.tokenizer import load_tokenizer
-
-
-def tokenize_text(text: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> np.ndarray:
-    """Token ids (int32) of ``text`` (a str is the text; a ``Path`` is read as UTF-8) with the checkpoint's tokenizer.
-
-    Uses :func:`nexlab.model.tokenizer.load_tokenizer` (transformers' fast tokenizer on the checkpoint's
-    tokenizer.json) without special tokens, so every variant is fed identical ids.
-    """
-
-    if isinstance(text, os.PathLike):
-        p = Path(text)
-        if not p.is_file():
-            raise FileNotFoundError(f"text file {p} does not exist")
-        text = p.read_text(encoding="utf-8")
-    if not isinstance(text, str):
-        raise NexlabTypeError(f"text must be a str or a path, got {type(text).__name__}")
-    tok = load_tokenizer(tokenizer_dir)
-    tok.model_max_length = 1 << 62  # a whole text is tokenized once, then chunked: no length warning
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int32)
 
 
 def chunk_tokens(tokens, chunk_size: int, n_chunks: int | None = None) -> np.ndarray:

@@ -21,18 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from nexlab.analysis.quality import log_softmax
 from nexlab.core.errors import NexlabError
 from nexlab.formats.nvfp4 import dequantize_nvfp4_modelopt
 from nexlab.llamacpp.runtime import open_model
 from nexlab.model.checkpoint import Checkpoint
+from nexlab.model.tokenizer import encode_text
 
 
 def dequantized_state_dict(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """(config dict, state dict in ``Qwen3_5MoeForCausalLM`` layout, float32, NVFP4 dequantized)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
     sd: dict[str, Any] = {}
@@ -65,8 +65,8 @@ def dequantized_state_dict(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str,
 
 def build_hf_model(ckpt_dir: str | os.PathLike):
     """transformers' Qwen3_5MoeForCausalLM in float32 with the checkpoint's (dequantized) weights."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoConfig, Qwen3_5MoeForCausalLM  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
+    from transformers import AutoConfig, Qwen3_5MoeForCausalLM  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     _, sd = dequantized_state_dict(ckpt_dir)
     config = AutoConfig.from_pretrained(str(ckpt_dir))
@@ -81,13 +81,14 @@ def build_hf_model(ckpt_dir: str | os.PathLike):
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise NexlabError(f"state dict does not fit Qwen3_5MoeForCausalLM: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise NexlabError(f"state dict does not fit Qwen3_5MoeForCausalLM: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
     return model.eval()
 
 
 def hf_logits(model, tokens: list[int]) -> np.ndarray:
     """float64 logits [n, vocab] of the transformers model for one sequence (no cache)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     with torch.no_grad():
         out = model(input_ids=torch.tensor([tokens]), use_cache=False)
@@ -166,9 +167,7 @@ def heldout_tokens(artifacts_dir: str | os.PathLike, tokenizer_dir: str | os.Pat
 
     a = Path(artifacts_dir)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else a / "tiny" / "tokenizer"
-    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    text = (a / "text" / "heldout.txt").read_text()
-    ids = tok.encode(text).ids
+    ids = encode_text(a / "text" / "heldout.txt", tok_dir).tolist()
     if len(ids) < n:
         raise NexlabError(f"heldout text has {len(ids)} tokens, need {n}")
     return ids[:n]

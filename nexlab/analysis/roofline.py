@@ -375,8 +375,10 @@ def distinct_experts_per_layer(ckpt_dir: str | os.PathLike, tokens, batch_sizes:
     "expert_load": [n_layer, n_expert] (fraction of recorded positions routed to each expert),
     "routes": int array [n_positions, n_layer, k], "n_expert", "n_expert_used", "n_positions",
     "draws", "seed", "routing": str}``.
+
+    Kept in one function: the router replay and the counting share the model's hooks and state.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
     ckpt = Path(ckpt_dir)
@@ -441,7 +443,7 @@ def distinct_experts_per_layer(ckpt_dir: str | os.PathLike, tokens, batch_sizes:
     return {"batch_sizes": bs, "per_layer": per_layer, "mean": per_layer.mean(axis=1), "std_over_draws": std,
             "uniform": expected_experts(np.asarray(bs), k, n), "expert_load": member.mean(axis=0),
             "routes": routes, "n_expert": n, "n_expert_used": k, "n_positions": n_positions, "draws": draws,
-            "seed": seed, "routing": "float32 transformers reference model (nexlab.reference.build_hf_model), "
+            "seed": seed, "routing": "float32 transformers reference model (nexlab.analysis.reference.build_hf_model), "
                                      "router top-k from each layer's mlp.gate"}
 
 
@@ -473,7 +475,8 @@ def format_report(res: dict[str, Any]) -> str:
             f"n_ctx {res['n_ctx']}, KV cache {res['cache_type']}, recurrent state read+write (model, not measured)")
     rows = []
     for s in res["batches"]:
-        r = {"batch": s["batch"], "E(b)": round(s["expected_experts"], 2), "weights GB/step": _gb(s["weight_bytes_read"]),
+        r = {"batch": s["batch"], "E(b)": round(s["expected_experts"], 2),
+             "weights GB/step": _gb(s["weight_bytes_read"]),
              "cache GB/step": _gb(s["cache_bytes_read"]), "GFLOP/step": f"{s['flops'] / 1e9:.2f}"}
         for name, v in s["bounds"].items():
             r[f"{name} t/s"] = f"{v['bound']:.1f} {v['limited_by'][0]}"

@@ -31,7 +31,7 @@ from nexlab.formats.kquants import GGML_TYPE_IDS, quantize, row_size
 from nexlab.formats.minifloat import GGML_NVFP4_BLOCK
 from nexlab.formats.nvfp4 import dequantize_nvfp4_ggml, quantize_nvfp4_ggml, quantize_nvfp4_modelopt
 from nexlab.llamacpp import libggml as ggml_ref
-from nexlab.llamacpp.process import _run
+from nexlab.llamacpp.process import run_measured
 from nexlab.llamacpp.source import REPO_ROOT, reference_command
 
 
@@ -95,7 +95,8 @@ def nvfp4_speed_vs_ggml(rows: int = 256, cols: int = 4096, repeat: int = 3, seed
 
 def kquant_speed_vs_ggml(
     shape: tuple[int, int] = (1024, 2048),
-    cases: tuple[tuple[str, bool], ...] = (("Q4_K", True), ("Q4_K", False), ("Q6_K", True), ("Q6_K", False), ("Q8_0", False)),
+    cases: tuple[tuple[str, bool], ...] = (("Q4_K", True), ("Q4_K", False), ("Q6_K", True), ("Q6_K", False),
+                                           ("Q8_0", False)),
     repeats: int = 3,
     seed: int = 0,
 ) -> dict:
@@ -172,8 +173,9 @@ def _benchmark_conversion(ckpt_dir: Path, tmp: Path, repeats: int, python: str, 
     env = dict(os.environ, NEXLAB_NO_PROGRESS="1", PYTHONPATH=str(REPO_ROOT))
     runs: dict[str, list[dict]] = {"nexlab": [], "llamacpp": []}
     for _ in range(repeats):
-        runs["nexlab"].append(_run([python, "-m", "nexlab.cli", "convert", str(ckpt_dir), "-o", str(outs["nexlab"]), "-q"], env))
-        runs["llamacpp"].append(_run(ref_cmd, ref_env, cwd=Path(ref_cmd[1]).parent))
+        runs["nexlab"].append(run_measured([python, "-m", "nexlab.cli", "convert", str(ckpt_dir),
+                                            "-o", str(outs["nexlab"]), "-q"], env))
+        runs["llamacpp"].append(run_measured(ref_cmd, ref_env, cwd=Path(ref_cmd[1]).parent))
     res = {k: {"seconds": min(r["seconds"] for r in v), "peak_rss_mib": max(r["peak_rss_mib"] for r in v),
                "file_mib": outs[k].stat().st_size / 2**20} for k, v in runs.items()}
     res["ratio_time"] = res["nexlab"]["seconds"] / res["llamacpp"]["seconds"]

@@ -37,11 +37,11 @@ def default_artifacts_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "build" / "artifacts"
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
+def copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
     for name in TOKENIZER_FILES:
         src = tokenizer_dir / name
         if src.is_file():
@@ -128,7 +128,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        from safetensors.torch import save_file  # noqa: PLC0415
+        from safetensors.torch import save_file  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
         tmp_name = f".shard-{len(self._shards):05d}.tmp"
         self._shards.append((tmp_name, list(self._pending)))
@@ -165,7 +165,7 @@ class ShardedWriter:
                 weight_map[k] = final
         index = {"metadata": {"total_parameters": self.total_parameters, "total_size": self.total_size},
                  "weight_map": dict(sorted(weight_map.items()))}
-        _atomic_write_json(self.out / "model.safetensors.index.json", index)
+        atomic_write_json(self.out / "model.safetensors.index.json", index)
         return names
 
 
@@ -179,8 +179,8 @@ def save_bf16_checkpoint(causal_lm, cfg: dict, out_dir: str | os.PathLike, token
     and ``model.language_model.`` / ``model.visual.`` prefixes, as published checkpoints do) with
     a shard size that gives at least ``min_shards`` shards; tokenizer files copied in.
     """
-    import torch  # noqa: PLC0415
-    from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
+    from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     validate_config(cfg)
     out = Path(out_dir)
@@ -192,15 +192,16 @@ def save_bf16_checkpoint(causal_lm, cfg: dict, out_dir: str | os.PathLike, token
     with atomic_directory(out) as tmp:
         full.save_pretrained(tmp, max_shard_size=total // min_shards + 1)
         if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
+            copy_tokenizer(Path(tokenizer_dir), tmp)
     return out
 
 
-def random_layer_tensors(cfg: dict, layer: int, generator, std: float = 0.02, *, experts: bool = True) -> dict[str, Any]:
+def random_layer_tensors(cfg: dict, layer: int, generator, std: float = 0.02, *,
+                         experts: bool = True) -> dict[str, Any]:
     """Random BF16 tensors of one decoder layer with the real per-layer shapes, named as a BF16
     checkpoint names them (relative to the layer prefix; experts per expert). Norm weights are 0
     (Qwen3.5 RMSNorm computes x * (1 + w)), A_log/dt_bias as transformers initialises them."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
     t = text_config(cfg)
@@ -226,7 +227,7 @@ def random_layer_tensors(cfg: dict, layer: int, generator, std: float = 0.02, *,
 
 def random_expert_tensors(cfg: dict, generator, std: float = 0.02) -> dict[str, Any]:
     """Random BF16 ``gate_proj.weight``, ``up_proj.weight``, ``down_proj.weight`` of one routed expert."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
     t = text_config(cfg)
@@ -235,7 +236,7 @@ def random_expert_tensors(cfg: dict, generator, std: float = 0.02) -> dict[str, 
             for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i)))}
 
 
-def _fix_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> None:
+def fix_malloc_mmap_threshold(nbytes: int = 128 * 1024) -> None:
     """Pin glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``) so that every large temporary is
     mmapped and returned to the system when freed. glibc otherwise raises the threshold after the
     first large free, the per-expert float32/BF16 temporaries then come from the heap, interleave

@@ -92,7 +92,7 @@ def train_tokenizer(train_file: str | os.PathLike, out_dir: str | os.PathLike, v
     """Train (:func:`build_tokenizer_object`) and save the tokenizer in Hugging Face format
     (tokenizer.json, tokenizer_config.json, chat_template placeholder) to ``out_dir`` (written to a
     temp folder, then renamed). Returns the loaded ``PreTrainedTokenizerFast``."""
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     out = Path(out_dir)
     tok = build_tokenizer_object([train_file], vocab_size, pretokenizer)

@@ -9,7 +9,7 @@ Models too big for ModelOpt on CPU (the slice, the synthetic checkpoints) get th
 :func:`quantize_mlp_group_modelopt` / :func:`quantize_layer_modelopt`, built on
 :func:`nexlab.formats.nvfp4.quantize_nvfp4_modelopt`: gate and up of one expert share
 ``weight_scale_2`` (:func:`shared_weight_scale_2`) as ModelOpt's export makes them; the tests check
-them against ModelOpt. ``_mlp_scope_excludes`` is the ``exclude_modules`` list ModelOpt writes.
+them against ModelOpt. ``mlp_scope_excludes`` is the ``exclude_modules`` list ModelOpt writes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from nexlab.artifacts.checkpoints import _copy_tokenizer, checkpoint_index
+from nexlab.artifacts.checkpoints import checkpoint_index, copy_tokenizer
 from nexlab.artifacts.train import tokenize_file
 from nexlab.core.errors import NexlabError
 from nexlab.core.fileio import atomic_directory
@@ -47,10 +47,10 @@ def modelopt_nvfp4_export(bf16_dir, out_dir, calib_windows, *, scope: str = "mlp
     ModelOpt's ``export_hf_checkpoint`` (BF16 for unquantized tensors) with a shard size giving at
     least ``min_shards`` shards. Runs on CPU in seconds for the tiny model.
     """
-    import modelopt.torch.quantization as mtq  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from modelopt.torch.export import export_hf_checkpoint  # noqa: PLC0415
-    from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: PLC0415
+    import modelopt.torch.quantization as mtq  # noqa: PLC0415  (ModelOpt is heavy: only the reference quantizer needs it)
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
+    from modelopt.torch.export import export_hf_checkpoint  # noqa: PLC0415  (ModelOpt is heavy: only the reference quantizer needs it)
+    from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     if scope not in NVFP4_SCOPES:
         raise NexlabError(f"scope must be one of {sorted(NVFP4_SCOPES)}, got {scope!r}")
@@ -73,7 +73,7 @@ def modelopt_nvfp4_export(bf16_dir, out_dir, calib_windows, *, scope: str = "mlp
     with atomic_directory(out) as tmp:
         export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp, max_shard_size=shard)
         if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
+            copy_tokenizer(Path(tokenizer_dir), tmp)
         n_shards = len(set(checkpoint_index(tmp).values()))
         if n_shards < min_shards:
             raise NexlabError(f"ModelOpt export wrote {n_shards} shard(s), fewer than min_shards={min_shards}")
@@ -82,7 +82,7 @@ def modelopt_nvfp4_export(bf16_dir, out_dir, calib_windows, *, scope: str = "mlp
 
 def _modelopt_linear(prefix: str, w, ws2=None, input_scale: float = 1.0) -> dict[str, Any]:
     """ModelOpt's four tensors of one NVFP4 Linear from its BF16/F32 weight [out, in]."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
     q, s, s2 = quantize_nvfp4_modelopt(w, ws2, name=prefix + ".weight")
@@ -97,7 +97,7 @@ def _modelopt_linear(prefix: str, w, ws2=None, input_scale: float = 1.0) -> dict
 def shared_weight_scale_2(*weights) -> float:
     """ModelOpt's shared ``weight_scale_2`` for projections fused at inference (gate and up of
     one expert): amax over all of them / (6 * 448), in float32."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     amax = max(float(torch.as_tensor(w).abs().max().float()) for w in weights)
 
@@ -135,7 +135,8 @@ def quantize_layer_modelopt(layer_prefix: str, tensors: dict[str, Any], cfg: dic
     return out
 
 
-def quantize_mlp_group_modelopt(prefix: str, gate, up, down, input_scales: dict[str, float] | None = None) -> dict[str, Any]:
+def quantize_mlp_group_modelopt(prefix: str, gate, up, down,
+                                input_scales: dict[str, float] | None = None) -> dict[str, Any]:
     """One SwiGLU group (a routed expert or the shared expert) as ModelOpt exports it: gate and up
     share ``weight_scale_2`` = amax(gate, up) / (6 * 448) (they are fused at inference), down has
     its own; ``input_scale`` from ``input_scales`` keyed ``"experts.gate_proj"`` /
@@ -149,7 +150,7 @@ def quantize_mlp_group_modelopt(prefix: str, gate, up, down, input_scales: dict[
     return out
 
 
-def _modelopt_version() -> str:
+def modelopt_version() -> str:
     try:
 
         return version("nvidia-modelopt")
@@ -157,7 +158,7 @@ def _modelopt_version() -> str:
         return "0.47.0"
 
 
-def _mlp_scope_excludes(t: dict) -> list[str]:
+def mlp_scope_excludes(t: dict) -> list[str]:
     """The ``exclude_modules`` ModelOpt writes for NVFP4_MLP_ONLY_CFG on a Qwen3_5Moe model
     (same order: sorted names)."""
     lm = "model.language_model."

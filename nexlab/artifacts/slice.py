@@ -18,15 +18,15 @@ from pathlib import Path
 
 from nexlab.artifacts.checkpoints import (
     ShardedWriter,
-    _atomic_write_json,
-    _copy_tokenizer,
-    _fix_malloc_mmap_threshold,
+    atomic_write_json,
+    copy_tokenizer,
     default_artifacts_dir,
+    fix_malloc_mmap_threshold,
     random_expert_tensors,
     random_layer_tensors,
 )
-from nexlab.artifacts.modelopt import _mlp_scope_excludes, _modelopt_version, quantize_mlp_group_modelopt
-from nexlab.artifacts.tiny import _refresh_tokenizer, tiny_paths
+from nexlab.artifacts.modelopt import mlp_scope_excludes, modelopt_version, quantize_mlp_group_modelopt
+from nexlab.artifacts.tiny import refresh_tokenizer, tiny_paths
 from nexlab.core.fileio import atomic_directory, locked
 from nexlab.core.progress import progress
 from nexlab.model.config import SLICE_DEFAULT_VOCAB, slice_config, validate_config
@@ -47,7 +47,7 @@ def write_slice(out_dir: str | os.PathLike | None = None, *, vocab_size: int | N
     Default folder: ``ARTIFACTS_DIR/slice/nvfp4``. ``cfg`` replaces the slice configuration
     (tests write a tiny-shaped one the same way).
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
     if cfg is None:
@@ -55,13 +55,13 @@ def write_slice(out_dir: str | os.PathLike | None = None, *, vocab_size: int | N
     validate_config(cfg)
     t = cfg["text_config"]
     out = Path(out_dir) if out_dir is not None else default_artifacts_dir() / "slice" / "nvfp4"
-    _fix_malloc_mmap_threshold()
+    fix_malloc_mmap_threshold()
     gen = torch.Generator().manual_seed(seed)
     h, v = t["hidden_size"], t["vocab_size"]
     lm = "model.language_model."
-    hf_quant = {"producer": {"name": "modelopt", "version": _modelopt_version()},
+    hf_quant = {"producer": {"name": "modelopt", "version": modelopt_version()},
                 "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
-                                 "exclude_modules": _mlp_scope_excludes(t)}}
+                                 "exclude_modules": mlp_scope_excludes(t)}}
     with atomic_directory(out) as tmp:
         w = ShardedWriter(tmp, shard_bytes=1)  # every add() is its own shard
         w.add({lm + "embed_tokens.weight": (torch.randn(v, h, generator=gen) * 0.02).to(torch.bfloat16)})
@@ -92,10 +92,10 @@ def write_slice(out_dir: str | os.PathLike | None = None, *, vocab_size: int | N
                 "targets": ["Linear"]}},
             "ignore": hf_quant["quantization"]["exclude_modules"], "quant_algo": "NVFP4",
             "producer": hf_quant["producer"], "quant_method": "modelopt"}
-        _atomic_write_json(tmp / "config.json", full_cfg)
-        _atomic_write_json(tmp / "hf_quant_config.json", hf_quant)
+        atomic_write_json(tmp / "config.json", full_cfg)
+        atomic_write_json(tmp / "hf_quant_config.json", hf_quant)
         if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
+            copy_tokenizer(Path(tokenizer_dir), tmp)
     return out
 
 
@@ -118,7 +118,7 @@ def ensure_slice(artifacts_dir: str | os.PathLike | None = None, *, vocab_size: 
         except (OSError, ValueError, KeyError):
             keep = False
         if keep:
-            _refresh_tokenizer(tok, out)
+            refresh_tokenizer(tok, out)
             return out
         return write_slice(out, vocab_size=vocab, seed=seed, show_progress=show_progress,
                            tokenizer_dir=tok if tok.is_dir() else None)

@@ -43,12 +43,12 @@ import numpy as np
 
 from nexlab.artifacts.checkpoints import (
     ShardedWriter,
-    _atomic_write_json,
-    _copy_tokenizer,
-    _fix_malloc_mmap_threshold,
+    atomic_write_json,
+    copy_tokenizer,
     default_artifacts_dir,
+    fix_malloc_mmap_threshold,
 )
-from nexlab.artifacts.modelopt import _mlp_scope_excludes, _modelopt_version
+from nexlab.artifacts.modelopt import mlp_scope_excludes, modelopt_version
 from nexlab.artifacts.tiny import ensure_text_and_tokenizer
 from nexlab.core.errors import NexlabError
 from nexlab.core.fileio import atomic_directory
@@ -113,10 +113,10 @@ class SynthTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * {"BF16": 2, "U8": 1, "F8_E4M3": 1, "F32": 4}[self.dtype]
 
 
-def _meta_state_dict_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+def meta_state_dict_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Names and shapes of ``Qwen3_5MoeForConditionalGeneration``'s state dict, built on ``meta``."""
-    import torch  # noqa: PLC0415
-    from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
+    from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
 
     with torch.device("meta"):
@@ -157,7 +157,7 @@ def synth_plan(cfg: dict) -> list[list[SynthTensor]]:
     validate_config(cfg)
     t = text_config(cfg)
     n_exp, n_ff = int(t["num_experts"]), int(t["moe_intermediate_size"])
-    shapes = _meta_state_dict_shapes(cfg)
+    shapes = meta_state_dict_shapes(cfg)
     head, tail, vision = [], [], []
     layers: list[list[SynthTensor]] = [[] for _ in range(int(t["num_hidden_layers"]))]
     for key, shape in shapes.items():
@@ -208,7 +208,7 @@ class _Values:
     """The pools and the random stream every tensor's values are drawn from."""
 
     def __init__(self, seed: int):
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
         self.rng = np.random.default_rng(seed)
         g = torch.Generator().manual_seed(seed)
@@ -232,7 +232,7 @@ class _Values:
         return pool[idx]
 
     def make(self, s: SynthTensor):
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
         if s.kind == "codes":
             return torch.from_numpy(self.rows(self.nvfp4_pool(int(s.group))[0], s.shape[0]))
@@ -286,8 +286,8 @@ def _check_free_space(folder: Path, needed: int) -> None:
 
 def _quant_configs(t: dict) -> tuple[dict, dict]:
 
-    producer = {"name": "modelopt", "version": _modelopt_version()}
-    exclude = _mlp_scope_excludes(t)
+    producer = {"name": "modelopt", "version": modelopt_version()}
+    exclude = mlp_scope_excludes(t)
     hf_quant = {"producer": producer,
                 "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
                                  "exclude_modules": exclude}}
@@ -335,7 +335,7 @@ def write_synth(config: str | dict, out_dir: str | os.PathLike, *, seed: int = 0
     tok = Path(tokenizer_dir)
     if not (tok / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tok}")
-    _fix_malloc_mmap_threshold()
+    fix_malloc_mmap_threshold()
     t0 = time.perf_counter()
     values = _Values(seed)
     n = sum(len(g) for g in plan)
@@ -364,12 +364,12 @@ def write_synth(config: str | dict, out_dir: str | os.PathLike, *, seed: int = 0
             bar.close()
         full = copy.deepcopy(cfg)
         full["quantization_config"] = qc
-        _atomic_write_json(tmp / "config.json", full)
-        _atomic_write_json(tmp / "hf_quant_config.json", hf_quant)
+        atomic_write_json(tmp / "config.json", full)
+        atomic_write_json(tmp / "hf_quant_config.json", hf_quant)
         if full.get("vision_config"):  # the image processor settings the mmproj stores (nexlab.convert.mmproj)
 
-            _atomic_write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-        _copy_tokenizer(tok, tmp)
+            atomic_write_json(tmp / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+        copy_tokenizer(tok, tmp)
     return SynthResult(out, total, n, len(shards), time.perf_counter() - t0)
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from nexlab.artifacts.checkpoints import (
     TOKENIZER_FILES,
-    _atomic_write_json,
+    atomic_write_json,
     default_artifacts_dir,
     save_bf16_checkpoint,
 )
@@ -128,8 +128,8 @@ def ensure_tiny(artifacts_dir: str | os.PathLike | None = None, smoke: bool = Fa
     ``settings`` (a ``nexlab.artifacts.train.TrainSettings``) overrides either. Safe to call from several
     processes at once (file lock).
     """
-    import torch  # noqa: PLC0415
-    from transformers import Qwen3_5MoeForCausalLM  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
+    from transformers import Qwen3_5MoeForCausalLM  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
 
     p = tiny_paths(artifacts_dir)
@@ -169,8 +169,8 @@ def ensure_tiny(artifacts_dir: str | os.PathLike | None = None, smoke: bool = Fa
         modelopt_nvfp4_export(p["bf16"], p["nvfp4_all"], cal, scope="all", tokenizer_dir=p["tokenizer"])
         info["modelopt_seconds"] = time.perf_counter() - t1
         info["calibration_windows"] = list(cal.shape)
-        _atomic_write_json(p["train_json"], info)
-        _atomic_write_json(p["build_json"], {
+        atomic_write_json(p["train_json"], info)
+        atomic_write_json(p["build_json"], {
             "mode": info["mode"], "seed": seed, "seconds": time.perf_counter() - t0,
             "paths": {k: str(v) for k, v in p.items()},
         })
@@ -182,7 +182,7 @@ def load_train_info(artifacts_dir=None) -> dict:
     return json.loads(tiny_paths(artifacts_dir)["train_json"].read_text())
 
 
-def _refresh_tokenizer(tokenizer_dir: Path, ckpt_dir: Path) -> None:
+def refresh_tokenizer(tokenizer_dir: Path, ckpt_dir: Path) -> None:
     """Copy the tokenizer files into ``ckpt_dir`` (each atomically) when its tokenizer.json differs."""
     src = tokenizer_dir / "tokenizer.json"
     dst = ckpt_dir / "tokenizer.json"

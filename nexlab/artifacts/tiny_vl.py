@@ -25,12 +25,12 @@ import numpy as np
 from PIL import Image
 
 from nexlab.artifacts.checkpoints import ShardedWriter
-from nexlab.artifacts.synth import _meta_state_dict_shapes
+from nexlab.artifacts.synth import meta_state_dict_shapes
 from nexlab.artifacts.tiny import ensure_tiny, tiny_paths
 from nexlab.core.fileio import atomic_directory, atomic_output, atomic_write_text, locked
 from nexlab.model.checkpoint import Checkpoint
 from nexlab.model.config import PREPROCESSOR_CONFIG, tiny_config, validate_config
-from nexlab.model.vision import VISUAL_PREFIXES, _vision_kind
+from nexlab.model.vision import VISUAL_PREFIXES, vision_kind
 
 # ----------------------------------------------------------------------------- the tiny vision-language model
 # A small Qwen3_5MoeVisionConfig with every structural feature of the real tower: the tiny model's own
@@ -59,16 +59,16 @@ def random_vision_tensors(cfg: dict, seed: int) -> dict[str, Any]:
     tensor differs from its default, so a tensor mapped to the wrong place changes the output.
     One ``torch.Generator`` seeded with ``seed``, keys in sorted order: deterministic.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
 
-    shapes = {k: v for k, v in _meta_state_dict_shapes(cfg).items() if k.startswith("model.visual.")}
+    shapes = {k: v for k, v in meta_state_dict_shapes(cfg).items() if k.startswith("model.visual.")}
     g = torch.Generator().manual_seed(int(seed))
     out = {}
     for key in sorted(shapes):
         shape = shapes[key]
         z = torch.randn(shape, generator=g, dtype=torch.float32)
-        kind = _vision_kind(key)
+        kind = vision_kind(key)
         if kind == "bias":
             v = 0.05 * z
         elif kind == "norm":
@@ -126,7 +126,8 @@ def write_vl_checkpoint(text_ckpt: str | os.PathLike, out_dir: str | os.PathLike
     return Path(out_dir)
 
 
-def ensure_tiny_vl(artifacts_dir: str | os.PathLike | None = None, smoke: bool = False, seed: int = 0) -> dict[str, Path]:
+def ensure_tiny_vl(artifacts_dir: str | os.PathLike | None = None, smoke: bool = False,
+                   seed: int = 0) -> dict[str, Path]:
     """The tiny vision-language checkpoint, derived from the tiny text model; built once.
 
     :func:`nexlab.artifacts.tiny.ensure_tiny` (``smoke``, ``seed``) first, unchanged; then its BF16 text

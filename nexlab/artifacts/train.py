@@ -15,11 +15,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from nexlab.core.errors import NexlabError
 from nexlab.core.progress import progress
+from nexlab.model.tokenizer import encode_text
 
 
 @dataclass
@@ -56,12 +59,8 @@ class TrainResult:
 
 
 def tokenize_file(tokenizer, path) -> torch.Tensor:
-    """Token ids of a text file as a 1-D int64 tensor (no specials added)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    # The backend tokenizer directly: same ids, no "longer than model_max_length" warning for a whole file.
-    ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of a text file as a 1-D int64 tensor (:func:`nexlab.model.tokenizer.encode_text`)."""
+    return torch.from_numpy(encode_text(Path(path), tokenizer).astype(np.int64))
 
 
 def _lr_at(step: int, s: TrainSettings) -> float:

@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 from nexlab.core.errors import NexlabError
 from nexlab.formats import kquants, metrics, mxfp4, nvfp4
 from nexlab.formats import minifloat as formats
+from nexlab.ggufio.layout import pad
 from nexlab.llamacpp import libggml as ggml_ref
 from nexlab.model.checkpoint import Checkpoint
 
@@ -153,7 +154,7 @@ def e2m1_staircase(x: Any, scale_byte: int = 0x38, weight_scale_2: float = 1.0) 
     ``x`` is 1-D; it is padded with zeros to a multiple of 16 and the padding dropped again.
     """
     v = formats.as_f32(x, name="x", finite=True).reshape(-1)
-    n = -(-v.size // formats.NVFP4_GROUP) * formats.NVFP4_GROUP
+    n = pad(v.size, formats.NVFP4_GROUP)
     row = np.zeros((1, n), dtype=np.float32)
     row[0, : v.size] = v
     sb = np.full((1, n // formats.NVFP4_GROUP), scale_byte, dtype=np.uint8)
@@ -223,7 +224,8 @@ def input_scale_in_llamacpp(src: str | Path) -> dict[str, Any]:
             (graph if is_graph else other)[rel.as_posix()] = hits
     exts = (".c", ".cpp", ".h", ".cu", ".cuh", ".m", ".metal", ".comp", ".cl", ".glsl", ".wgsl")
     ggml = sorted(f.relative_to(root).as_posix() for f in (root / "ggml").rglob("*")
-                  if f.is_file() and f.suffix in exts and "input_scale" in f.read_text(encoding="utf-8", errors="replace"))
+                  if f.is_file() and f.suffix in exts
+                  and "input_scale" in f.read_text(encoding="utf-8", errors="replace"))
     cpu = (root / "ggml" / "src" / "ggml-cpu" / "ggml-cpu.c").read_text(encoding="utf-8", errors="replace")
     m = re.search(r"\[GGML_TYPE_NVFP4\]\s*=\s*\{[^}]*?\.vec_dot_type\s*=\s*(GGML_TYPE_\w+)", cpu)
     return {"graph": graph, "other": other, "ggml": ggml, "nvfp4_vec_dot_type": m.group(1) if m else None}
@@ -243,7 +245,8 @@ def expert_amaxes(artifacts_dir: str | Path) -> dict[str, float]:
         for key in sorted(ck.entries):
             if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
                 a = ck.load(key).float().abs()  # [E, out, in]
-                parts = {"gate": a[:, : a.shape[1] // 2], "up": a[:, a.shape[1] // 2:]} if "gate_up" in key else {"down": a}
+                parts = ({"gate": a[:, : a.shape[1] // 2], "up": a[:, a.shape[1] // 2:]} if "gate_up" in key
+                         else {"down": a})
                 for p, t in parts.items():
                     out.update({f"{key}[{e}].{p}": float(v) for e, v in enumerate(t.amax(dim=(1, 2)).tolist())})
             elif ".mlp.experts." in key and key.endswith("_proj.weight"):

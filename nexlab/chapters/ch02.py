@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from nexlab.convert.plan import _scale_bytes
+from nexlab.convert.plan import scale_bytes
 from nexlab.formats.minifloat import GGML_NVFP4_BYTES
 from nexlab.formats.nvfp4 import (
     dequantize_nvfp4_ggml,
@@ -37,7 +37,7 @@ def explain_block_repack(weight, weight_scale, row: int = 0, block: int = 0) -> 
     order (they must be equal).
     """
     w = np.asarray(weight)[row:row + 1]
-    s = (weight_scale if isinstance(weight_scale, np.ndarray) else _scale_bytes(weight_scale))[row:row + 1]
+    s = (weight_scale if isinstance(weight_scale, np.ndarray) else scale_bytes(weight_scale))[row:row + 1]
     mo_codes = w[0, block * 32:(block + 1) * 32]
     mo_scales = s[0, block * 4:(block + 1) * 4]
     g = repack_modelopt_to_ggml(w, s)[0, block * GGML_NVFP4_BYTES:(block + 1) * GGML_NVFP4_BYTES]
@@ -62,7 +62,7 @@ def check_repack_lossless(ck: Checkpoint) -> dict[str, int]:
         m = name[: -len("_scale")]
         w, s = ck.load(m), ck.load(name)
         a = dequantize_nvfp4_modelopt(w, s, np.float32(1.0))
-        b = dequantize_nvfp4_ggml(repack_modelopt_to_ggml(w.numpy(), _scale_bytes(s))).reshape(a.shape)
+        b = dequantize_nvfp4_ggml(repack_modelopt_to_ggml(w.numpy(), scale_bytes(s))).reshape(a.shape)
         n_mod += 1
         n_val += a.size
         n_bad += int((a.view(np.uint32) != b.astype(np.float32).view(np.uint32)).sum())

@@ -142,7 +142,8 @@ def imatrix_gain(gguf_path: str | os.PathLike, imatrix, variant: str = "q4_k_m",
         num_p = num_i = den = sq_p = sq_i = sq = 0.0
         for e in range(n_mat):
             xe = x[e]
-            yp = ggml_ref.ggml_dequantize(p.ggml_type, ggml_ref.ggml_quantize_chunk(p.ggml_type, xe, nrows, ne0), xe.size)
+            yp = ggml_ref.ggml_dequantize(p.ggml_type, ggml_ref.ggml_quantize_chunk(p.ggml_type, xe, nrows, ne0),
+                                          xe.size)
             yi = ggml_ref.ggml_dequantize(p.ggml_type, ggml_ref.ggml_quantize_chunk(p.ggml_type, xe, nrows, ne0, w[e]),
                                           xe.size)
             we = wm[e].astype(np.float64)

@@ -25,7 +25,7 @@ F16/BF16/F32) and :func:`convert_mmproj` writes it with :func:`nexlab.ggufio.wri
 is llama.cpp's own ``convert_hf_to_gguf.py --mmproj`` (``Qwen3VLVisionModel`` in
 ``conversion/qwen3vl.py`` and ``MmprojModel`` in ``conversion/base.py`` of the llama.cpp tree in
 llama-cpp-python 0.3.36): the tests compare both files tensor for tensor and key for key
-(byte-equal); :mod:`nexlab.analysis.vision` runs ``llama-mtmd-cli`` on the result and compares
+(byte-equal); :mod:`nexlab.analysis.mtmd` runs ``llama-mtmd-cli`` on the result and compares
 llama.cpp's image embeddings with transformers' vision tower.
 
 Sizes come from the same plan: :func:`mmproj_file_nbytes` / :func:`mmproj_size` pack the planned
@@ -49,7 +49,7 @@ import numpy as np
 from nexlab.core.errors import NexlabError
 from nexlab.formats.registry import encode_tensor
 from nexlab.ggufio.layout import PlannedFile
-from nexlab.ggufio.metadata import _general_metadata
+from nexlab.ggufio.metadata import add_general_metadata
 from nexlab.ggufio.writer import PlannedTensor, write_gguf
 from nexlab.model.checkpoint import Checkpoint
 from nexlab.model.config import PREPROCESSOR_CONFIG
@@ -99,9 +99,10 @@ def add_mmproj_metadata(w, config: dict, preproc: dict, dtype: str, *, name: str
     K = g.Keys
     v = vision_config(config)
     text = {**config, **(config.get("text_config") or {})}
-    _general_metadata(w, name=name, license=license, quantized_by=quantized_by, source_url=None,
+    add_general_metadata(w, name=name, license=license, quantized_by=quantized_by, source_url=None,
                       gguf_type=g.GGUFType.MMPROJ)
-    ftype = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16, "f32": g.LlamaFileType.ALL_F32}[dtype]
+    ftype = {"f16": g.LlamaFileType.MOSTLY_F16, "bf16": g.LlamaFileType.MOSTLY_BF16,
+             "f32": g.LlamaFileType.ALL_F32}[dtype]
     if nvfp4_source:  # the reference's prepare_metadata: a ModelOpt NVFP4 source makes every file MOSTLY_NVFP4
         ftype = g.LlamaFileType.MOSTLY_NVFP4
     w.add_file_type(int(ftype))
@@ -162,7 +163,8 @@ def plan_mmproj(ck, dtype: str = "f16", *, name: str | None = None, license: str
     stored.sort(key=lambda e: (e.shard.name, e.key))
     for e in stored:
         if e.dtype not in ("BF16", "F16", "F32"):
-            raise NexlabError(f"vision tensor {e.key!r} has dtype {e.dtype}; the mmproj converter takes BF16, F16 or F32")
+            raise NexlabError(f"vision tensor {e.key!r} has dtype {e.dtype}; "
+                              "the mmproj converter takes BF16, F16 or F32")
     specs = mmproj_specs(vision, dtype, [(e.key, e.shape) for e in stored])
 
     def produce(t: MmprojTensor):

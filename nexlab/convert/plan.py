@@ -41,8 +41,8 @@ _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                 gguf.GGMLQuantizationType.BF16)
 
 
-def _scale_bytes(scale) -> np.ndarray:
-    import torch  # noqa: PLC0415
+def scale_bytes(scale) -> np.ndarray:
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     if scale.dtype != torch.float8_e4m3fn:
         raise NexlabTypeError(f"weight_scale dtype {scale.dtype}, expected float8_e4m3fn")
@@ -54,12 +54,12 @@ def repack_nvfp4_module(ck: Checkpoint, module: str, cfg: dict, out: np.ndarray 
     (into ``out`` when given: one expert's slot of a stacked tensor)."""
     w = ck.load(f"{module}.weight")
     s = ck.load(f"{module}.weight_scale")
-    nan = e4m3_bytes_nan_mask(_scale_bytes(s))
+    nan = e4m3_bytes_nan_mask(scale_bytes(s))
     if nan.any():
         r, c = np.argwhere(nan)[0]
         raise NexlabError(f"{module}.weight_scale: NaN block scale at row {r}, block {c}")
     w, s = Q.transform_nvfp4(f"{module}.weight", w, s, cfg)
-    return repack_modelopt_to_ggml(w.numpy(), _scale_bytes(s), name=module, out=out)
+    return repack_modelopt_to_ggml(w.numpy(), scale_bytes(s), name=module, out=out)
 
 
 def checkpoint_hparams(ck: Checkpoint) -> hparams.HParams:
@@ -258,13 +258,13 @@ class TensorPlanner:
             return PlannedTensor(spec, lambda v=vals: v, (hf,))
         if spec.kind == "nvfp4" and not spec.stacked:
             self.check_nvfp4_module(hf, spec.shape)
-            self.used.update(hf + s for s in (".weight",) + Q.NVFP4_SIDECARS)
+            self.used.update(hf + s for s in (".weight",) + Q.MODELOPT_SCALE_SUFFIXES)
             return PlannedTensor(spec, lambda m=hf: repack_nvfp4_module(ck, m, cfg), (hf + ".weight",))
         if spec.kind == "nvfp4":
             mods = _expert_modules(hf, self.hp.n_expert)
             for m in mods:
                 self.check_nvfp4_module(m, spec.shape)
-                self.used.update(m + s for s in (".weight",) + Q.NVFP4_SIDECARS)
+                self.used.update(m + s for s in (".weight",) + Q.MODELOPT_SCALE_SUFFIXES)
 
             def produce(mods=mods, spec=spec):
                 stacked = np.empty(spec.nbytes, dtype=np.uint8).reshape(spec.shape[0], spec.shape[1], -1)

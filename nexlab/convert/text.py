@@ -39,16 +39,17 @@ from nexlab.convert.mmproj import cli_convert_mmproj
 from nexlab.convert.plan import EXPERT_FORMATS, checkpoint_hparams, plan_tensors
 from nexlab.core.errors import NexlabError
 from nexlab.ggufio import layout
+from nexlab.ggufio.gguf_internals import move_keys_to_end
 from nexlab.ggufio.imatrix_file import quantize_weights, read_imatrix
 from nexlab.ggufio.layout import PlannedFile
-from nexlab.ggufio.metadata import _general_metadata
+from nexlab.ggufio.metadata import add_general_metadata
 from nexlab.ggufio.writer import PlannedTensor, write_gguf
 from nexlab.model import hparams
 from nexlab.model import qwen35moe as Q
 from nexlab.model.chat_template import original_template, resolve_chat_template
 from nexlab.model.checkpoint import Checkpoint, validate_checkpoint
 from nexlab.model.vision import DTYPES as MMPROJ_DTYPES
-from nexlab.model.vocab import _find_tokenizer_dir, _tokenizer_gguf_metadata, tokenizer_metadata
+from nexlab.model.vocab import add_tokenizer_metadata, find_tokenizer_dir, tokenizer_metadata
 
 ARCH = hparams.ARCH
 
@@ -91,12 +92,12 @@ def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = 
     weights = quantize_weights(read_imatrix(imatrix)) if imatrix is not None else None
     plan = plan_tensors(ck, variant, weights, experts=experts, nvfp4_scales=nvfp4_scales)
     hp = checkpoint_hparams(ck)
-    tok = tokenizer_metadata(_find_tokenizer_dir(ck, tokenizer_dir), hp.n_vocab, ck.config,
+    tok = tokenizer_metadata(find_tokenizer_dir(ck, tokenizer_dir), hp.n_vocab, ck.config,
                              tokenizer_pre=tokenizer_pre)
     template = resolve_chat_template(chat_template, ck.path if chat_template == "original" else None)
     if chat_template == "original" and template is None:
         try:
-            template = original_template(_find_tokenizer_dir(ck, tokenizer_dir))
+            template = original_template(find_tokenizer_dir(ck, tokenizer_dir))
         except ValueError:
             template = None
     ftype = Q.file_type(variant, [t.spec for t in plan])
@@ -104,17 +105,15 @@ def plan_conversion(ck: Checkpoint, variant: str = "bf16", chat_template: str = 
                "quantized_by": quantized_by, "source_url": source_url}
 
     def add_metadata(w):
-        _general_metadata(w, **general)
+        add_general_metadata(w, **general)
         Q.add_metadata(w, hp)
         w.add_file_type(int(ftype))
         w.add_quantization_version(g.GGML_QUANT_VERSION)
-        _tokenizer_gguf_metadata(w, tok, template)
+        add_tokenizer_metadata(w, tok, template)
         if variant != "bf16":
             # llama_model_quantize's gguf_set_val_u32 on an existing key removes it and appends it
             # again: general.quantization_version then general.file_type come last
-            kv = w.kv_data[0]
-            for k in (g.Keys.General.QUANTIZATION_VERSION, g.Keys.General.FILE_TYPE):
-                kv[k] = kv.pop(k)
+            move_keys_to_end(w, (g.Keys.General.QUANTIZATION_VERSION, g.Keys.General.FILE_TYPE))
 
     return ConversionPlan(variant, hp, plan, add_metadata)
 
@@ -169,7 +168,8 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     return ConvertResult(path, len(cp.tensors), cp.tensor_nbytes, time.perf_counter() - t0, types)
 
 
-def write_shape_gguf(path: str | os.PathLike, hp: hparams.HParams, variant: str = "bf16", nvfp4: str = "mlp") -> list[layout.TensorSpec]:
+def write_shape_gguf(path: str | os.PathLike, hp: hparams.HParams, variant: str = "bf16",
+                     nvfp4: str = "mlp") -> list[layout.TensorSpec]:
     """A GGUF llama.cpp loads, with ``hp``'s tensor plan and metadata and zero weights.
 
     For sizing experiments: llama.cpp allocates its caches from the metadata alone, so the weights
@@ -221,7 +221,7 @@ def write_vocab_gguf(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
     def add_metadata(w):
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(tok_dir.name)
-        _tokenizer_gguf_metadata(w, tok, None)
+        add_tokenizer_metadata(w, tok, None)
 
     return write_gguf(path, ARCH, add_metadata, [], show_progress=False)
 

@@ -17,11 +17,11 @@ T = TypeVar("T")
 
 def _tqdm_class():
     try:
-        from IPython import get_ipython  # noqa: PLC0415
+        from IPython import get_ipython  # noqa: PLC0415  (optional: only a Jupyter kernel has it loaded)
 
         shell = get_ipython()
         if shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell":
-            from tqdm.notebook import tqdm as nb_tqdm  # noqa: PLC0415
+            from tqdm.notebook import tqdm as nb_tqdm  # noqa: PLC0415  (needs ipywidgets: only in a notebook)
 
             return nb_tqdm
     except Exception:  # IPython missing or no kernel: plain text bar

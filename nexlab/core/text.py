@@ -22,7 +22,7 @@ from nexlab.core.errors import NexlabError
 
 
 # ----------------------------------------------------------------------------- parameters and inputs
-def _int(value: Any, flag: str, minimum: int) -> int:
+def int_at_least(value: Any, flag: str, minimum: int) -> int:
     """``value`` as an int >= ``minimum``; ValueError naming ``flag`` otherwise (bools and floats too)."""
     if isinstance(value, str):
         try:
@@ -56,7 +56,7 @@ def parse_int_list(value: str | int | Iterable[int], flag: str) -> tuple[int, ..
     out: list[int] = []
     for v in items:
         try:
-            n = _int(v, flag, 1)
+            n = int_at_least(v, flag, 1)
         except ValueError:
             raise NexlabError(f"{flag} must be a comma-separated list of positive integers, got {value!r}") from None
         if n not in out:

@@ -111,6 +111,8 @@ def make_qkx(X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float
     is kept here (``mn`` is updated per block). Instead of carrying L through the search, the winning
     ``(iscale, min)`` pair is remembered and L rebuilt from it on request (same arithmetic); callers only
     need L where the final 6-bit scale is zero.
+
+    Kept in one function so that it reads line by line beside ggml-quants.c's make_qkx2/3_quants.
     """
     n, M = X.shape
     nmax_f = F32(nmax)

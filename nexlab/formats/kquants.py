@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import gguf
 import numpy as np
 
 from nexlab.core.errors import NexlabError, NexlabTypeError
@@ -81,19 +82,16 @@ QK8_0 = 32  # elements per Q8_0 block
 K_SCALE_SIZE = 12  # bytes of packed 6-bit scales and mins in Q4_K/Q5_K
 
 
-#: ggml_type enum values (ggml/include/ggml.h)
-GGML_TYPE_IDS = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+#: the types this module quantizes
+QUANT_TYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
+#: their ggml_type enum values (ggml/include/ggml.h), from gguf-py's GGMLQuantizationType
+GGML_TYPE_IDS = {t: int(gguf.GGMLQuantizationType[t]) for t in QUANT_TYPES}
 
-#: elements per block
-BLOCK_SIZES = {"Q8_0": QK8_0, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
-
-
-#: bytes per block (ggml-common.h block_q8_0, block_q4_K, block_q5_K, block_q6_K)
-TYPE_SIZES = {"Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-
-
-QUANT_TYPES = tuple(GGML_TYPE_IDS)
+#: elements and bytes per block (ggml-common.h block_q8_0, block_q4_K, block_q5_K, block_q6_K), from
+#: gguf-py's GGML_QUANT_SIZES: the one table of block sizes (a test checks it against libggml's traits)
+BLOCK_SIZES = {t: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] for t in QUANT_TYPES}
+TYPE_SIZES = {t: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1] for t in QUANT_TYPES}
 
 
 # Sub-blocks handled per vectorised step: large enough to amortise numpy call overhead, small enough

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from nexlab.core.errors import NexlabError
-from nexlab.formats.minifloat import _label, to_numpy
+from nexlab.formats.minifloat import tensor_label, to_numpy
 
 
 def relative_mse(ref: Any, approx: Any, *, name: str | None = None) -> float:
@@ -22,12 +22,12 @@ def relative_mse(ref: Any, approx: Any, *, name: str | None = None) -> float:
     r = to_numpy(ref).astype(np.float64)
     q = to_numpy(approx).astype(np.float64)
     if r.shape != q.shape:
-        raise NexlabError(f"{_label(name, 'approx')}: shape {q.shape} differs from reference {r.shape}")
+        raise NexlabError(f"{tensor_label(name, 'approx')}: shape {q.shape} differs from reference {r.shape}")
     if not (np.isfinite(r).all() and np.isfinite(q).all()):
-        raise NexlabError(f"{_label(name, 'tensor')}: NaN or Inf in the reference or the approximation")
+        raise NexlabError(f"{tensor_label(name, 'tensor')}: NaN or Inf in the reference or the approximation")
     den = float(np.sum(r * r))
     if den == 0:
-        raise NexlabError(f"{_label(name, 'ref')}: reference is all zeros; relative error undefined")
+        raise NexlabError(f"{tensor_label(name, 'ref')}: reference is all zeros; relative error undefined")
     return float(np.sum((q - r) ** 2)) / den
 
 

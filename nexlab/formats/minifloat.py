@@ -98,17 +98,17 @@ GGML_TYPE_NVFP4 = 40
 # code count(bound < m). The midpoints whose upper neighbour has an even mantissa
 # (0.75 -> 1.0, 1.75 -> 2.0, 3.5 -> 4.0) are replaced by the float32 just below them, so
 # that a tie there rounds up; the other midpoints (0.25, 1.25, 2.5, 5.0) round down.
-_E2M1_RNE_BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+E2M1_RNE_BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
 
 
 for _i in (1, 3, 5):
-    _E2M1_RNE_BOUNDS[_i] = np.nextafter(_E2M1_RNE_BOUNDS[_i], np.float32(0))
+    E2M1_RNE_BOUNDS[_i] = np.nextafter(E2M1_RNE_BOUNDS[_i], np.float32(0))
 
 
 del _i
 
 
-def _label(name: str | None, default: str) -> str:
+def tensor_label(name: str | None, default: str) -> str:
     return f"{name!r}" if name else default
 
 
@@ -120,17 +120,17 @@ def to_numpy(x: Any, *, name: str | None = None) -> np.ndarray:
     """
     mod = type(x).__module__
     if mod.startswith("torch"):
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
         if not isinstance(x, torch.Tensor):
-            raise NexlabTypeError(f"{_label(name, 'input')}: expected a tensor or array, got {type(x).__name__}")
+            raise NexlabTypeError(f"{tensor_label(name, 'input')}: expected a tensor or array, got {type(x).__name__}")
         t = x.detach().cpu()
         if t.dtype in (torch.bfloat16,):
             return t.float().numpy()
         if t.dtype == torch.float8_e4m3fn:
             return t.view(torch.uint8).numpy()
         if t.dtype.is_floating_point and t.dtype not in (torch.float16, torch.float32, torch.float64):
-            raise NexlabError(f"{_label(name, 'input')}: unsupported torch dtype {t.dtype}")
+            raise NexlabError(f"{tensor_label(name, 'input')}: unsupported torch dtype {t.dtype}")
         return t.numpy()
     return np.asarray(x)
 
@@ -149,17 +149,18 @@ def as_f32(x: Any, *, name: str | None = None, finite: bool = False) -> np.ndarr
         out = a.astype(np.float32)
     elif dt == np.float64:
         raise NexlabError(
-            f"{_label(name, 'input')}: float64 input is not accepted (convert to float32 first;"
+            f"{tensor_label(name, 'input')}: float64 input is not accepted (convert to float32 first;"
             " an implicit narrowing would round before quantizing)"
         )
     else:
-        raise NexlabError(f"{_label(name, 'input')}: expected a floating tensor (float32/float16/bfloat16), got {dt}")
+        raise NexlabError(f"{tensor_label(name, 'input')}: expected a floating tensor (float32/float16/bfloat16), "
+                          f"got {dt}")
     if finite:
         bad = ~np.isfinite(out)
         if bad.any():
             n_nan = int(np.isnan(out).sum())
             raise NexlabError(
-                f"{_label(name, 'input')}: contains {n_nan} NaN and {int(bad.sum()) - n_nan} Inf values"
+                f"{tensor_label(name, 'input')}: contains {n_nan} NaN and {int(bad.sum()) - n_nan} Inf values"
             )
     return out
 
@@ -170,7 +171,7 @@ def as_bytes(x: Any, *, name: str | None = None) -> np.ndarray:
     if a.dtype.name == "float8_e4m3fn":
         a = a.view(np.uint8)
     if a.dtype != np.uint8:
-        raise NexlabError(f"{_label(name, 'input')}: expected uint8 bytes, got {a.dtype}")
+        raise NexlabError(f"{tensor_label(name, 'input')}: expected uint8 bytes, got {a.dtype}")
     return a
 
 
@@ -182,7 +183,7 @@ def e2m1_codes_to_f32(codes: Any, *, name: str | None = None) -> np.ndarray:
     """
     c = as_bytes(codes, name=name)
     if c.size and int(c.max()) > 15:
-        raise NexlabError(f"{_label(name, 'codes')}: E2M1 codes must be in 0..15, found {int(c.max())}")
+        raise NexlabError(f"{tensor_label(name, 'codes')}: E2M1 codes must be in 0..15, found {int(c.max())}")
     return E2M1_VALUES[c]
 
 
@@ -196,9 +197,9 @@ def f32_to_e2m1_codes(x: Any, *, name: str | None = None) -> np.ndarray:
     """
     a = as_f32(x, name=name)
     if np.isnan(a).any():
-        raise NexlabError(f"{_label(name, 'input')}: NaN cannot be encoded as E2M1")
+        raise NexlabError(f"{tensor_label(name, 'input')}: NaN cannot be encoded as E2M1")
     mag = np.abs(a)
-    codes = np.searchsorted(_E2M1_RNE_BOUNDS, mag, side="left").astype(np.uint8)
+    codes = np.searchsorted(E2M1_RNE_BOUNDS, mag, side="left").astype(np.uint8)
     codes |= (np.signbit(a).astype(np.uint8) << 3)
     return codes
 

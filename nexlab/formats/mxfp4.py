@@ -23,13 +23,13 @@ from nexlab.formats.minifloat import (
     GGML_MXFP4_BYTES,
     INT4_GROUP,
     MXFP4_BLOCK,
-    _label,
     as_f32,
     e8m0_byte_to_f32,
     f32_to_e8m0_byte,
+    tensor_label,
     to_numpy,
 )
-from nexlab.formats.nvfp4 import _KV_F32, _as_ggml_blocks, _block_absmax, _check_rows, _ggml_fp4_codes, _row_chunks
+from nexlab.formats.nvfp4 import KV_F32, as_ggml_blocks, block_absmax, check_rows, ggml_fp4_codes, row_chunks
 
 
 def quantize_mxfp4_ggml(x: Any, *, name: str | None = None) -> np.ndarray:
@@ -38,17 +38,17 @@ def quantize_mxfp4_ggml(x: Any, *, name: str | None = None) -> np.ndarray:
     (0 for an all-zero block), scale ``2**(e-128)`` against the doubled E2M1 table, codes
     nearest with ties toward zero; byte j of the 16 holds values j and j+16."""
     a = as_f32(x, name=name, finite=True)
-    _check_rows(a, MXFP4_BLOCK, name)
+    check_rows(a, MXFP4_BLOCK, name)
     n = a.shape[-1]
     rows = a.reshape(-1, n)
     nb = n // MXFP4_BLOCK
     out = np.empty((rows.shape[0], nb, GGML_MXFP4_BYTES), dtype=np.uint8)
     with np.errstate(invalid="ignore", over="ignore"):
-        for sl in _row_chunks(rows.shape[0], n):
+        for sl in row_chunks(rows.shape[0], n):
             xb = rows[sl].reshape(-1, nb, MXFP4_BLOCK)
-            amax = _block_absmax(xb)
+            amax = block_absmax(xb)
             e = np.where(amax > 0, (f32_to_e8m0_byte(amax).astype(np.int64) - 2) & 0xFF, 0).astype(np.uint8)
-            codes = _ggml_fp4_codes(xb, e8m0_byte_to_f32(e, half=True)[..., None], amax[..., None])
+            codes = ggml_fp4_codes(xb, e8m0_byte_to_f32(e, half=True)[..., None], amax[..., None])
             out[sl, :, 0] = e
             out[sl, :, 1:] = codes[..., :16] | (codes[..., 16:] << 4)
     return out.reshape(a.shape[:-1] + (nb * GGML_MXFP4_BYTES,))
@@ -56,12 +56,12 @@ def quantize_mxfp4_ggml(x: Any, *, name: str | None = None) -> np.ndarray:
 
 def dequantize_mxfp4_ggml(data: Any, *, name: str | None = None) -> np.ndarray:
     """Decode ggml MXFP4 bytes to float32, bit-exact with ``dequantize_row_mxfp4``."""
-    b = _as_ggml_blocks(data, GGML_MXFP4_BYTES, name)
+    b = as_ggml_blocks(data, GGML_MXFP4_BYTES, name)
     nb = b.shape[-1] // GGML_MXFP4_BYTES
     blk = b.reshape(-1, nb, GGML_MXFP4_BYTES)
     qs = blk[..., 1:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    vals = _KV_F32[codes] * e8m0_byte_to_f32(blk[..., 0], half=True)[..., None]
+    vals = KV_F32[codes] * e8m0_byte_to_f32(blk[..., 0], half=True)[..., None]
     return vals.reshape(b.shape[:-1] + (nb * MXFP4_BLOCK,))
 
 
@@ -73,7 +73,7 @@ def quantize_int4_g16(x: Any, *, name: str | None = None) -> tuple[np.ndarray, n
     [..., n/16])``. 5 bits per weight.
     """
     a = as_f32(x, name=name, finite=True)
-    _check_rows(a, INT4_GROUP, name)
+    check_rows(a, INT4_GROUP, name)
     xb = a.reshape(a.shape[:-1] + (-1, INT4_GROUP))
     scale = (np.abs(xb).max(axis=-1) / np.float32(7.0)).astype(np.float16)
     s32 = scale.astype(np.float32)[..., None]
@@ -87,9 +87,11 @@ def dequantize_int4_g16(q: Any, scale: Any, *, name: str | None = None) -> np.nd
     qa = to_numpy(q)
     sa = to_numpy(scale)
     if qa.dtype != np.int8 or sa.dtype != np.float16:
-        raise NexlabError(f"{_label(name, 'int4')}: expected int8 codes and float16 scales, got {qa.dtype}, {sa.dtype}")
-    _check_rows(qa, INT4_GROUP, name)
+        raise NexlabError(f"{tensor_label(name, 'int4')}: expected int8 codes and float16 scales, "
+                          f"got {qa.dtype}, {sa.dtype}")
+    check_rows(qa, INT4_GROUP, name)
     if sa.shape != qa.shape[:-1] + (qa.shape[-1] // INT4_GROUP,):
-        raise NexlabError(f"{_label(name, 'scale')}: shape {tuple(sa.shape)} does not match codes {tuple(qa.shape)}")
+        raise NexlabError(f"{tensor_label(name, 'scale')}: shape {tuple(sa.shape)} "
+                          f"does not match codes {tuple(qa.shape)}")
     vals = qa.reshape(qa.shape[:-1] + (-1, INT4_GROUP)).astype(np.float32) * sa.astype(np.float32)[..., None]
     return vals.reshape(qa.shape)

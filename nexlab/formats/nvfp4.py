@@ -40,8 +40,8 @@ import numpy as np
 
 from nexlab.core.errors import NexlabError
 from nexlab.formats.minifloat import (
-    _E2M1_RNE_BOUNDS,
     E2M1_MAX,
+    E2M1_RNE_BOUNDS,
     E2M1_VALUES,
     E4M3_MAX,
     E4M3_VALUES,
@@ -50,11 +50,11 @@ from nexlab.formats.minifloat import (
     GGML_NVFP4_BYTES,
     GGML_NVFP4_SUB,
     NVFP4_GROUP,
-    _label,
     as_bytes,
     as_f32,
     f32_to_e4m3_bytes,
     f32_to_ue4m3_byte,
+    tensor_label,
     to_numpy,
     ue4m3_byte_to_f32,
 )
@@ -73,7 +73,7 @@ _KV_POS = GGML_E2M1_DOUBLED[:8].astype(np.float32)  # 0 1 2 3 4 6 8 12
 _KV_MID = ((_KV_POS[:-1] + _KV_POS[1:]) / 2).astype(np.float32)  # 0.5 1.5 2.5 3.5 5 7 10
 
 
-_KV_F32 = GGML_E2M1_DOUBLED.astype(np.float32)
+KV_F32 = GGML_E2M1_DOUBLED.astype(np.float32)
 
 
 #: ModelOpt's per-tensor scale divisor: the largest E2M1 value times the largest E4M3 value (6 * 448)
@@ -89,17 +89,17 @@ def nvfp4_tensor_scale(amax):
     return s if s.ndim else np.float32(s)
 
 
-def _check_rows(a: np.ndarray, multiple: int, name: str | None, what: str = "tensor") -> None:
+def check_rows(a: np.ndarray, multiple: int, name: str | None, what: str = "tensor") -> None:
     if a.ndim == 0:
-        raise NexlabError(f"{_label(name, what)}: expected at least one dimension, got a scalar")
+        raise NexlabError(f"{tensor_label(name, what)}: expected at least one dimension, got a scalar")
     if a.shape[-1] % multiple != 0:
         raise NexlabError(
-            f"{_label(name, what)}: last dimension {a.shape[-1]} is not a multiple of {multiple}"
+            f"{tensor_label(name, what)}: last dimension {a.shape[-1]} is not a multiple of {multiple}"
             f" (shape {tuple(a.shape)})"
         )
 
 
-def _row_chunks(nrows: int, ncols: int) -> Iterator[slice]:
+def row_chunks(nrows: int, ncols: int) -> Iterator[slice]:
     step = max(1, CHUNK_ELEMS // max(ncols, 1))
     for r0 in range(0, nrows, step):
         yield slice(r0, min(nrows, r0 + step))
@@ -121,9 +121,9 @@ def pack_nibbles_adjacent(codes: Any, *, name: str | None = None) -> np.ndarray:
     """Pack 4-bit codes ``[..., n]`` into ``[..., n/2]`` bytes, ModelOpt's order: column 2i in
     the low nibble, column 2i+1 in the high nibble (``(q[..., 1::2] << 4) | q[..., 0::2]``)."""
     c = as_bytes(codes, name=name)
-    _check_rows(c, 2, name, "codes")
+    check_rows(c, 2, name, "codes")
     if c.size and int(c.max()) > 15:
-        raise NexlabError(f"{_label(name, 'codes')}: 4-bit codes must be in 0..15")
+        raise NexlabError(f"{tensor_label(name, 'codes')}: 4-bit codes must be in 0..15")
     return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
 
 
@@ -131,14 +131,14 @@ def unpack_nibbles_adjacent(packed: Any, *, name: str | None = None) -> np.ndarr
     """Inverse of :func:`pack_nibbles_adjacent`: ``[..., m]`` bytes -> ``[..., 2m]`` codes."""
     p = as_bytes(packed, name=name)
     if p.ndim == 0:
-        raise NexlabError(f"{_label(name, 'packed')}: expected at least one dimension")
+        raise NexlabError(f"{tensor_label(name, 'packed')}: expected at least one dimension")
     out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
     out[..., 0::2] = p & 0x0F
     out[..., 1::2] = p >> 4
     return out
 
 
-def _block_absmax(xb: np.ndarray) -> np.ndarray:
+def block_absmax(xb: np.ndarray) -> np.ndarray:
     """max |x| over the last axis (a power of two, 16 or 32) by pairwise maxima: exact, and
     faster in numpy than ``np.abs(xb).max(-1)`` on such short rows."""
     m = np.abs(xb)
@@ -166,7 +166,7 @@ def _e2m1_codes_rne(y: np.ndarray) -> np.ndarray:
     from ``y < 0``, so an exact -0.0 gives code 0 (as ModelOpt does) while a small negative
     gives code 8.
     """
-    codes = _count_above(np.abs(y), _E2M1_RNE_BOUNDS)
+    codes = _count_above(np.abs(y), E2M1_RNE_BOUNDS)
     codes |= (y < 0).view(np.uint8) << 3
     return codes
 
@@ -207,14 +207,14 @@ def quantize_nvfp4_modelopt(
     float32 numpy/torch scalar or a Python float (rounded to float32 first).
     """
     x = as_f32(w, name=name, finite=True)
-    _check_rows(x, NVFP4_GROUP, name, "weight")
+    check_rows(x, NVFP4_GROUP, name, "weight")
     if x.size == 0:
-        raise NexlabError(f"{_label(name, 'weight')}: empty tensor")
+        raise NexlabError(f"{tensor_label(name, 'weight')}: empty tensor")
     if weight_scale_2 is None:
         amax = np.float32(max(x.max(), -x.min()))  # = max |x|, without an |x| copy
         if amax == 0:
             raise NexlabError(
-                f"{_label(name, 'weight')}: all-zero tensor; ModelOpt's amax/2688 global scale would be 0 "
+                f"{tensor_label(name, 'weight')}: all-zero tensor; ModelOpt's amax/2688 global scale would be 0 "
                 "and its block scales NaN. Pass weight_scale_2 explicitly."
             )
         wsf2 = nvfp4_tensor_scale(amax)
@@ -228,9 +228,9 @@ def quantize_nvfp4_modelopt(
     packed = np.empty((rows.shape[0], n // 2), dtype=np.uint8)
     scales = np.empty((rows.shape[0], n // NVFP4_GROUP), dtype=np.uint8)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        for sl in _row_chunks(rows.shape[0], n):
+        for sl in row_chunks(rows.shape[0], n):
             xb = rows[sl].reshape(-1, n // NVFP4_GROUP, NVFP4_GROUP)
-            s = _block_absmax(xb) / six_wsf2
+            s = block_absmax(xb) / six_wsf2
             s[s == 0] = np.float32(1.0)
             np.clip(s, np.float32(2.0**-9), np.float32(448.0), out=s)
             sb = f32_to_e4m3_bytes(s)
@@ -259,20 +259,20 @@ def encode_nvfp4_modelopt(w: Any, weight_scale: Any, weight_scale_2: Any, *, nam
     byte; nexlab.formats.scales uses it to encode scales chosen by other rules.
     """
     x = as_f32(w, name=name, finite=True)
-    _check_rows(x, NVFP4_GROUP, name, "weight")
+    check_rows(x, NVFP4_GROUP, name, "weight")
     n = x.shape[-1]
     sb = as_bytes(weight_scale, name=name)
     if sb.shape != x.shape[:-1] + (n // NVFP4_GROUP,):
-        raise NexlabError(f"{_label(name, 'weight')}: weight_scale shape {list(sb.shape)}, expected "
+        raise NexlabError(f"{tensor_label(name, 'weight')}: weight_scale shape {list(sb.shape)}, expected "
                          f"{list(x.shape[:-1]) + [n // NVFP4_GROUP]}")
     v = E4M3_VALUES[sb]
     if not (np.isfinite(v) & (v > 0)).all():
-        raise NexlabError(f"{_label(name, 'weight')}: weight_scale has zero, negative or NaN E4M3 bytes")
+        raise NexlabError(f"{tensor_label(name, 'weight')}: weight_scale has zero, negative or NaN E4M3 bytes")
     wsf2 = _scalar_f32(weight_scale_2, "weight_scale_2")
     rows, srows = x.reshape(-1, n), sb.reshape(-1, n // NVFP4_GROUP)
     packed = np.empty((rows.shape[0], n // 2), dtype=np.uint8)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
-        for sl in _row_chunks(rows.shape[0], n):
+        for sl in row_chunks(rows.shape[0], n):
             packed[sl] = _encode_blocks(rows[sl].reshape(-1, n // NVFP4_GROUP, NVFP4_GROUP), srows[sl], wsf2)
     return packed.reshape(x.shape[:-1] + (n // 2,))
 
@@ -292,7 +292,7 @@ def dequantize_nvfp4_modelopt(
     wsf2 = _scalar_f32(weight_scale_2, f"{name}.weight_scale_2" if name else "weight_scale_2")
     if wq.ndim == 0 or sb.shape[:-1] != wq.shape[:-1] or sb.shape[-1] * NVFP4_GROUP != wq.shape[-1] * 2:
         raise NexlabError(
-            f"{_label(name, 'weight')}: weight {tuple(wq.shape)} and weight_scale {tuple(sb.shape)} do not fit"
+            f"{tensor_label(name, 'weight')}: weight {tuple(wq.shape)} and weight_scale {tuple(sb.shape)} do not fit"
             f" (expected weight_scale [..., in/16] for weight [..., in/2])"
         )
     scale = E4M3_VALUES[sb] * wsf2  # float32 product, rounded once
@@ -301,7 +301,7 @@ def dequantize_nvfp4_modelopt(
     rows_in = wq.reshape(-1, wq.shape[-1])
     rows_out = out.reshape(-1, n)
     srows = scale.reshape(-1, n // NVFP4_GROUP)
-    for sl in _row_chunks(rows_in.shape[0], n):
+    for sl in row_chunks(rows_in.shape[0], n):
         vals = _MODELOPT_PAIRS[rows_in[sl]].view(np.float32).reshape(-1, n // NVFP4_GROUP, NVFP4_GROUP)
         rows_out[sl] = (vals * srows[sl][..., None]).reshape(-1, n)
     return out
@@ -315,14 +315,14 @@ def pack_nvfp4_ggml(codes: Any, scale_bytes: Any, *, name: str | None = None) ->
     """
     c = as_bytes(codes, name=name)
     d = as_bytes(scale_bytes, name=f"{name}.scale" if name else "scale_bytes")
-    _check_rows(c, GGML_NVFP4_BLOCK, name, "codes")
+    check_rows(c, GGML_NVFP4_BLOCK, name, "codes")
     if d.shape != c.shape[:-1] + (c.shape[-1] // GGML_NVFP4_SUB,):
         raise NexlabError(
-            f"{_label(name, 'scale_bytes')}: shape {tuple(d.shape)} does not match codes {tuple(c.shape)}"
+            f"{tensor_label(name, 'scale_bytes')}: shape {tuple(d.shape)} does not match codes {tuple(c.shape)}"
             " (expected [..., n/16])"
         )
     if c.size and int(c.max()) > 15:
-        raise NexlabError(f"{_label(name, 'codes')}: 4-bit codes must be in 0..15")
+        raise NexlabError(f"{tensor_label(name, 'codes')}: 4-bit codes must be in 0..15")
     nb = c.shape[-1] // GGML_NVFP4_BLOCK
     cb = c.reshape(-1, nb, 4, GGML_NVFP4_SUB)
     out = np.empty((cb.shape[0], nb, GGML_NVFP4_BYTES), dtype=np.uint8)
@@ -331,11 +331,11 @@ def pack_nvfp4_ggml(codes: Any, scale_bytes: Any, *, name: str | None = None) ->
     return out.reshape(c.shape[:-1] + (nb * GGML_NVFP4_BYTES,))
 
 
-def _as_ggml_blocks(data: Any, block_bytes: int, name: str | None) -> np.ndarray:
+def as_ggml_blocks(data: Any, block_bytes: int, name: str | None) -> np.ndarray:
     b = as_bytes(data, name=name)
     if b.ndim == 0 or b.shape[-1] % block_bytes != 0:
         raise NexlabError(
-            f"{_label(name, 'data')}: last dimension {b.shape[-1] if b.ndim else '()'} is not a multiple of"
+            f"{tensor_label(name, 'data')}: last dimension {b.shape[-1] if b.ndim else '()'} is not a multiple of"
             f" the {block_bytes}-byte block"
         )
     return b
@@ -343,7 +343,7 @@ def _as_ggml_blocks(data: Any, block_bytes: int, name: str | None) -> np.ndarray
 
 def unpack_nvfp4_ggml(data: Any, *, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split ggml NVFP4 bytes ``[..., nb*36]`` into codes ``[..., nb*64]`` and scale bytes ``[..., nb*4]``."""
-    b = _as_ggml_blocks(data, GGML_NVFP4_BYTES, name)
+    b = as_ggml_blocks(data, GGML_NVFP4_BYTES, name)
     nb = b.shape[-1] // GGML_NVFP4_BYTES
     blk = b.reshape(-1, nb, GGML_NVFP4_BYTES)
     qs = blk[..., 4:].reshape(-1, nb, 4, 8)
@@ -357,12 +357,12 @@ def unpack_nvfp4_ggml(data: Any, *, name: str | None = None) -> tuple[np.ndarray
 def dequantize_nvfp4_ggml(data: Any, *, name: str | None = None) -> np.ndarray:
     """Decode ggml NVFP4 bytes to float32, bit-exact with ``dequantize_row_nvfp4``:
     ``kvalues_fp4[code] * ue4m3_half(d)`` (an exact float32 product; code 8 gives +0)."""
-    b = _as_ggml_blocks(data, GGML_NVFP4_BYTES, name)
+    b = as_ggml_blocks(data, GGML_NVFP4_BYTES, name)
     nb = b.shape[-1] // GGML_NVFP4_BYTES
     n = nb * GGML_NVFP4_BLOCK
     rows = b.reshape(-1, b.shape[-1])
     out = np.empty((rows.shape[0], n), dtype=np.float32)
-    for sl in _row_chunks(rows.shape[0], n):
+    for sl in row_chunks(rows.shape[0], n):
         blk = rows[sl].reshape(-1, nb, GGML_NVFP4_BYTES)
         # [r, nb, 4 sub, 8 bytes, (lo, hi)] -> [r, nb, 4, (lo half, hi half), 8]
         pairs = _KV_PAIRS[blk[..., 4:]].view(np.float32).reshape(-1, nb, 4, 8, 2).transpose(0, 1, 2, 4, 3)
@@ -371,13 +371,13 @@ def dequantize_nvfp4_ggml(data: Any, *, name: str | None = None) -> np.ndarray:
     return out.reshape(b.shape[:-1] + (n,))
 
 
-_KV_PAIRS = _pair_table(_KV_F32)
+_KV_PAIRS = _pair_table(KV_F32)
 
 
 _MODELOPT_PAIRS = _pair_table(_E2M1_TO_F32_MODELOPT)
 
 
-def _ggml_fp4_codes(x: np.ndarray, d: np.ndarray, amax: np.ndarray) -> np.ndarray:
+def ggml_fp4_codes(x: np.ndarray, d: np.ndarray, amax: np.ndarray) -> np.ndarray:
     """ggml's ``best_index_mxfp4`` for float32 blocks ``x [..., k]`` with scales ``d [..., 1]``
     and block maxima ``amax [..., 1]``.
 
@@ -407,7 +407,7 @@ def nvfp4_ggml_scale_bytes(x: Any, *, name: str | None = None) -> np.ndarray:
     """The UE4M3 byte ggml's quantize_row_nvfp4_ref picks for each 16-value group of ``x``:
     ``ggml_fp32_to_ue4m3(amax / 6.0f)``."""
     a = as_f32(x, name=name, finite=True)
-    _check_rows(a, GGML_NVFP4_SUB, name)
+    check_rows(a, GGML_NVFP4_SUB, name)
     amax = np.abs(a.reshape(a.shape[:-1] + (-1, GGML_NVFP4_SUB))).max(axis=-1)
     return f32_to_ue4m3_byte(amax / np.float32(6.0))
 
@@ -422,16 +422,16 @@ def quantize_nvfp4_ggml(x: Any, *, name: str | None = None) -> np.ndarray:
     with amax above 6 * 448 saturate. Codes are nearest with ties toward zero (not RNE).
     """
     a = as_f32(x, name=name, finite=True)
-    _check_rows(a, GGML_NVFP4_BLOCK, name)
+    check_rows(a, GGML_NVFP4_BLOCK, name)
     n = a.shape[-1]
     rows = a.reshape(-1, n)
     out = np.empty((rows.shape[0], n // GGML_NVFP4_BLOCK * GGML_NVFP4_BYTES), dtype=np.uint8)
     with np.errstate(invalid="ignore", over="ignore"):
-        for sl in _row_chunks(rows.shape[0], n):
+        for sl in row_chunks(rows.shape[0], n):
             xb = rows[sl].reshape(-1, n // GGML_NVFP4_SUB, GGML_NVFP4_SUB)
-            amax = _block_absmax(xb)[..., None]
+            amax = block_absmax(xb)[..., None]
             ub = f32_to_ue4m3_byte(amax[..., 0] / np.float32(6.0))
-            codes = _ggml_fp4_codes(xb, ue4m3_byte_to_f32(ub)[..., None], amax)
+            codes = ggml_fp4_codes(xb, ue4m3_byte_to_f32(ub)[..., None], amax)
             out[sl] = pack_nvfp4_ggml(codes.reshape(xb.shape[0], n), ub)
     return out.reshape(a.shape[:-1] + (out.shape[-1],))
 
@@ -453,26 +453,26 @@ def repack_modelopt_to_ggml(weight: Any, weight_scale: Any, *, name: str | None 
     wq = as_bytes(weight, name=name)
     sb = as_bytes(weight_scale, name=f"{name}.weight_scale" if name else "weight_scale")
     if wq.ndim == 0:
-        raise NexlabError(f"{_label(name, 'weight')}: expected at least one dimension")
+        raise NexlabError(f"{tensor_label(name, 'weight')}: expected at least one dimension")
     n = wq.shape[-1] * 2
     if n % GGML_NVFP4_BLOCK:
         raise NexlabError(
-            f"{_label(name, 'weight')}: {n} input columns is not a multiple of 64 (ggml NVFP4 block);"
+            f"{tensor_label(name, 'weight')}: {n} input columns is not a multiple of 64 (ggml NVFP4 block);"
             " this tensor cannot be stored as GGUF type 40"
         )
     if sb.shape != wq.shape[:-1] + (n // NVFP4_GROUP,):
         raise NexlabError(
-            f"{_label(name, 'weight_scale')}: shape {tuple(sb.shape)} does not match weight {tuple(wq.shape)}"
+            f"{tensor_label(name, 'weight_scale')}: shape {tuple(sb.shape)} does not match weight {tuple(wq.shape)}"
             f" (expected {wq.shape[:-1] + (n // NVFP4_GROUP,)})"
         )
     if np.any((sb & 0x7F) == 0x7F):
-        raise NexlabError(f"{_label(name, 'weight_scale')}: contains NaN scale bytes (0x7F/0xFF)")
+        raise NexlabError(f"{tensor_label(name, 'weight_scale')}: contains NaN scale bytes (0x7F/0xFF)")
     nb = n // GGML_NVFP4_BLOCK
     shape = wq.shape[:-1] + (nb * GGML_NVFP4_BYTES,)
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise NexlabError(f"{_label(name, 'out')}: expected a C-contiguous uint8 array of shape {shape}")
+        raise NexlabError(f"{tensor_label(name, 'out')}: expected a C-contiguous uint8 array of shape {shape}")
     # A ggml block is 9 little-endian uint32 words: the 4 scale bytes, then 4 groups of 8 code bytes.
     words = out.reshape(-1).view(np.uint32).reshape(-1, 9)
     words[:, 0] = np.ascontiguousarray(sb).reshape(-1).view(np.uint32) & np.uint32(0x7F7F7F7F)

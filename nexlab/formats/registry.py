@@ -43,7 +43,7 @@ def quantize_tensor(data, ggml_type: str, imatrix: np.ndarray | None = None, *, 
     t = ggml_type.name if hasattr(ggml_type, "name") and not isinstance(ggml_type, str) else str(ggml_type)
     t = t.upper()
     if hasattr(data, "detach") and hasattr(data, "dtype"):  # torch: zero-copy numpy view (BF16 as ml_dtypes)
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
         data = data.detach().contiguous()
         x = data.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if data.dtype == torch.bfloat16 else data.numpy()
@@ -94,7 +94,7 @@ def encode_tensor(data, ggml_type, name: str, imatrix: np.ndarray | None = None)
     ``quantize_tensor(data, ggml_type, imatrix [n_expert, ne0] | None)``
     (K-quants / Q8_0 bit-exact with ggml_quantize_chunk, from the kquants chapter).
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     T = gguf.GGMLQuantizationType
     if ggml_type not in (T.F32, T.F16, T.BF16):

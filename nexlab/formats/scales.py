@@ -56,7 +56,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nexlab.core.errors import NexlabError
-from nexlab.formats.minifloat import E4M3_VALUES, NVFP4_GROUP, _label, as_f32
+from nexlab.formats.minifloat import E4M3_VALUES, NVFP4_GROUP, as_f32, tensor_label
 from nexlab.formats.nvfp4 import (
     dequantize_nvfp4_modelopt,
     encode_nvfp4_modelopt,
@@ -96,10 +96,10 @@ WEIGHT_FLOOR = 1e-4
 CHUNK_BLOCKS = 1 << 16
 
 
-_E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN
+E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN
 
 
-_E4M3_MIN_CODE = 0x01  # 2**-9, the smallest positive (subnormal) value
+E4M3_MIN_CODE = 0x01  # 2**-9, the smallest positive (subnormal) value
 
 
 @dataclass
@@ -137,9 +137,9 @@ def element_weights(importance: Any | None, n_in: int, *, name: str | None = Non
         return None
     c = np.asarray(importance, dtype=np.float32).reshape(-1)
     if c.size != n_in:
-        raise NexlabError(f"{_label(name, 'importance')}: {c.size} column weights for {n_in} columns")
+        raise NexlabError(f"{tensor_label(name, 'importance')}: {c.size} column weights for {n_in} columns")
     if not np.isfinite(c).all() or (c < 0).any():
-        raise NexlabError(f"{_label(name, 'importance')}: column weights must be finite and >= 0")
+        raise NexlabError(f"{tensor_label(name, 'importance')}: column weights must be finite and >= 0")
     mean = float(c.mean(dtype=np.float64))
     if mean == 0 or np.all(c == c[0]):
         return None
@@ -147,12 +147,12 @@ def element_weights(importance: Any | None, n_in: int, *, name: str | None = Non
 
 
 # ----------------------------------------------------------------------------- the candidate kernel
-def _map_to_code(bmax, g, top: float):
+def map_to_code(bmax, g, top: float):
     """E4M3 code (int32 torch) of the block scale that maps a block max ``bmax`` onto the E2M1 value
     ``top`` (6: ModelOpt's max scaling, 4: Four Over Six's other choice) under tensor scale ``g``, as
     ModelOpt computes it: the product ``top * g`` first, zero blocks -> 1.0, clamp to [2**-9, 448],
     torch's RNE cast to float8_e4m3fn (the cast ModelOpt uses)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     s = torch.where(bmax == 0, 1.0, bmax / (g * top)).clamp(2.0**-9, 448.0)
     return s.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
@@ -163,17 +163,17 @@ def _best_codes_eager(x, c, g, e4, offs):
     block keeps and its (weighted) squared error, both ``[R, B]``.
 
     Candidates: ModelOpt's map-to-6 code ``b6`` plus ``offs`` (``offs[0] == 0``), and the map-to-4 code
-    ``b4``, each clamped to the positive E4M3 codes (:func:`_map_to_code`). ``c [B, 16]``: per-element
+    ``b4``, each clamped to the positive E4M3 codes (:func:`map_to_code`). ``c [B, 16]``: per-element
     weights. The E2M1
     rounding is round-half-to-even written as ``rint(y / step) * step``, step 0.5 / 1 / 2 below 2 / 4
     / above, clipped at 6. argmin keeps the first of equal errors: ``b6``.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     a = x.abs()
     bmax = a.amax(-1)
-    b6, b4 = _map_to_code(bmax, g, 6.0), _map_to_code(bmax, g, 4.0)
-    codes = torch.cat([b6[..., None] + offs, b4[..., None]], -1).clamp(_E4M3_MIN_CODE, _E4M3_MAX_CODE)
+    b6, b4 = map_to_code(bmax, g, 6.0), map_to_code(bmax, g, 4.0)
+    codes = torch.cat([b6[..., None] + offs, b4[..., None]], -1).clamp(E4M3_MIN_CODE, E4M3_MAX_CODE)
     s = e4[codes] * g
     y = a[..., None, :] / s[..., None]
     step = torch.where(y < 2, 0.5, torch.where(y < 4, 1.0, 2.0))
@@ -189,7 +189,7 @@ _kernel: dict[str, Any] = {}
 def _best_codes(x, c, g, method: str):
     """:func:`_best_codes_eager` with the method's offsets, compiled by torch.compile once per process
     when that works (else eagerly, with a warning)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     if "e4" not in _kernel:
         _kernel["e4"] = torch.from_numpy(np.nan_to_num(E4M3_VALUES.astype(np.float32)))
@@ -213,7 +213,7 @@ def _best_codes(x, c, g, method: str):
 def _as_stack(x: Any, name: str | None) -> np.ndarray:
     xf = as_f32(x, name=name, finite=True)
     if xf.ndim not in (2, 3) or xf.shape[-1] % NVFP4_GROUP or xf.size == 0:
-        raise NexlabError(f"{_label(name, 'weight')}: expected [rows, in] or [experts, rows, in] with in a "
+        raise NexlabError(f"{tensor_label(name, 'weight')}: expected [rows, in] or [experts, rows, in] with in a "
                          f"multiple of 16, got {list(xf.shape)}")
     return xf if xf.ndim == 3 else xf[None]
 
@@ -223,7 +223,7 @@ def _tensor_scales(g: Any, n: int, name: str | None) -> np.ndarray:
     if g.size == 1:
         g = np.repeat(g, n)
     if g.size != n or not (np.isfinite(g) & (g > 0)).all():
-        raise NexlabError(f"{_label(name, 'weight')}: tensor scales must be {n} positive finite values")
+        raise NexlabError(f"{tensor_label(name, 'weight')}: tensor scales must be {n} positive finite values")
     return g
 
 
@@ -237,7 +237,7 @@ def choose_block_scales(x: Any, g: Any, method: str = "search", importance: Any 
     under the column weights ``importance`` (``[in]``, or ``[experts, in]``; None: unweighted). One
     kernel call per expert and chunk of at most :data:`CHUNK_BLOCKS` blocks.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     method = _check_method(method)
     xs = _as_stack(x, name)
@@ -249,7 +249,7 @@ def choose_block_scales(x: Any, g: Any, method: str = "search", importance: Any 
         cw = np.asarray(importance, dtype=np.float32)
         cw = cw.reshape(1, -1) if cw.ndim == 1 and n_e == 1 else cw
         if cw.shape != (n_e, n_in):
-            raise NexlabError(f"{_label(name, 'importance')}: column weights of shape {list(cw.shape)}, "
+            raise NexlabError(f"{tensor_label(name, 'importance')}: column weights of shape {list(cw.shape)}, "
                              f"expected [{n_e}, {n_in}]")
     codes = np.empty((n_e, rows, nb), dtype=np.uint8)
     err = np.zeros(n_e, dtype=np.float64)
@@ -262,7 +262,7 @@ def choose_block_scales(x: Any, g: Any, method: str = "search", importance: Any 
         for r in range(0, rows, step):
             xb = torch.from_numpy(np.ascontiguousarray(xs[e, r: r + step].reshape(-1, nb, NVFP4_GROUP)))
             if method == "max":
-                codes[e, r: r + step] = _map_to_code(xb.abs().amax(-1), g_t, 6.0).numpy()
+                codes[e, r: r + step] = map_to_code(xb.abs().amax(-1), g_t, 6.0).numpy()
                 continue
             k, be = _best_codes(xb, c_t, g_t, method)
             codes[e, r: r + step] = k.numpy()
@@ -306,7 +306,7 @@ def tensor_scale(weights: Sequence[Any], method: str = "max", importances: Seque
     scalar = np.ndim(weights[0]) == 2
     amax = np.max([np.maximum(x.max(axis=(1, 2)), -x.min(axis=(1, 2))) for x in xs], axis=0).astype(np.float32)
     if (amax == 0).any():
-        raise NexlabError(f"{_label(name, 'weight')}: all-zero tensor (expert {int(np.argmin(amax))}); "
+        raise NexlabError(f"{tensor_label(name, 'weight')}: all-zero tensor (expert {int(np.argmin(amax))}); "
                          "no tensor scale maps it onto NVFP4")
     if method == "max":
         g = nvfp4_tensor_scale(amax)

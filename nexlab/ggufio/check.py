@@ -33,6 +33,7 @@ import gguf
 from gguf import GGML_QUANT_SIZES
 
 from nexlab.core.errors import NexlabError
+from nexlab.ggufio.layout import pad
 
 GGUF_MAGIC = gguf.GGUF_MAGIC.to_bytes(4, "little")  # b"GGUF"
 
@@ -172,6 +173,8 @@ def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> GGUFHeader:
     (wrong magic) or ``"<what> <path>: <fault>: <detail>"`` with fault ``unsupported GGUF version``,
     ``truncated`` or ``inconsistent``.
     ``what`` says which file the command expected ("model", "imatrix file", ...).
+
+    Kept in one function: one forward walk of the header, each field checked where it is read.
     """
     p = Path(path)
     if not p.exists():
@@ -242,7 +245,7 @@ def check_gguf(path: str | os.PathLike, what: str = "GGUF file") -> GGUFHeader:
             nbytes = math.prod(ne) // block * type_size
             tensors.append(TensorInfo(name, ne, ggml_type, offset, nbytes))
         info_end = c.pos
-        data_offset = -(-c.pos // alignment) * alignment
+        data_offset = pad(c.pos, alignment)
         end = data_offset
         for t in sorted(tensors, key=lambda t: t.offset):
             if data_offset + t.offset < end:

@@ -26,6 +26,7 @@ import numpy as np
 from nexlab.core.errors import NexlabError
 from nexlab.core.fileio import atomic_output
 from nexlab.ggufio.check import open_gguf
+from nexlab.ggufio.gguf_internals import drop_key
 
 KEY_DATASETS = "imatrix.datasets"
 
@@ -105,7 +106,7 @@ def write_imatrix(path: str | os.PathLike, imatrix: Imatrix) -> Path:
                          "file; gguf-py cannot write an empty array)")
     with atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch="imatrix")
-        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes no architecture
+        drop_key(w, gguf.Keys.General.ARCHITECTURE)  # llama-imatrix writes no architecture
         w.add_type("imatrix")
         w.add_array(KEY_DATASETS, [str(d) for d in imatrix.datasets])
         w.add_uint32(KEY_CHUNK_COUNT, int(imatrix.chunk_count))

@@ -91,7 +91,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="print a GGUF's metadata and tensor table",
-                              description="Metadata, tensors (name, type, shape, bytes, bits per weight), totals per type.")
+                              description="Metadata, tensors (name, type, shape, bytes, bits per weight), "
+                                          "totals per type.")
     p.add_argument("file", help="GGUF file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cli)
@@ -131,6 +132,7 @@ def diff_gguf(a: str | Path, b: str | Path, *, skip_key_prefixes: tuple[str, ...
     for k in sorted(set(ka) | set(kb)):
         if k not in ka or k not in kb:
             out.append(f"key {k} only in {Path(a).name if k in ka else Path(b).name}: {_short(ka.get(k, kb.get(k)))}")
-        elif ka[k] != kb[k] and not (isinstance(ka[k], float) and isinstance(kb[k], float) and np.float32(ka[k]) == np.float32(kb[k])):
+        elif ka[k] != kb[k] and not (isinstance(ka[k], float) and isinstance(kb[k], float)
+                                     and np.float32(ka[k]) == np.float32(kb[k])):
             out.append(f"key {k}: {_short(ka[k])} vs {_short(kb[k])}")
     return out

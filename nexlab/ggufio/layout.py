@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from nexlab.core.errors import NexlabError
+from nexlab.ggufio.gguf_internals import kv_table, packed_string_nbytes, packed_value_nbytes
 
 
 def pad(n: int, alignment: int) -> int:
@@ -45,10 +46,8 @@ def make_writer(arch: str, add_metadata: Callable[[Any], None], tensors: Iterabl
 
 
 def kv_nbytes(writer, key: str, value, vtype, sub_type=None) -> int:
-    """Bytes of one key/value pair as ``write_kv_data_to_file`` packs it (gguf-py's own ``_pack_val``)."""
-
-    return (len(writer._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
-            + len(writer._pack_val(value, vtype, add_vtype=True, sub_type=sub_type)))
+    """Bytes of one key/value pair as ``write_kv_data_to_file`` packs it (gguf-py's own packer)."""
+    return packed_string_nbytes(writer, key) + packed_value_nbytes(writer, value, vtype, sub_type)
 
 
 def header_nbytes(writer) -> int:
@@ -57,12 +56,11 @@ def header_nbytes(writer) -> int:
 
     if len(writer.tensors) != 1 or len(writer.kv_data) != 1:
         raise NexlabError("split GGUF files are not sized")
-    S = gguf.GGUFValueType.STRING
     n = 4 + 4 + 8 + 8
-    for key, val in writer.kv_data[0].items():
+    for key, val in kv_table(writer).items():
         n += kv_nbytes(writer, key, val.value, val.type, val.sub_type)
     for name, ti in writer.tensors[0].items():
-        n += len(writer._pack_val(name, S, add_vtype=False)) + 4 + 8 * len(ti.shape) + 4 + 8
+        n += packed_string_nbytes(writer, name) + 4 + 8 * len(ti.shape) + 4 + 8
     return pad(n, writer.data_alignment)
 
 

@@ -1,6 +1,6 @@
 """The ``general.*`` key/values every GGUF nexlab writes, model or mmproj.
 
-:func:`_general_metadata` adds ``general.type`` (``model``, or ``mmproj`` for the vision tower),
+:func:`add_general_metadata` adds ``general.type`` (``model``, or ``mmproj`` for the vision tower),
 ``general.name``, the size label (from gguf-py's ``size_label`` over the writer's parameter count),
 ``general.license``, ``general.quantized_by`` and the source URL, in the order llama.cpp's
 ``convert_hf_to_gguf.py`` writes them, so the text converter (:mod:`nexlab.convert.text`) and the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import gguf
 
 
-def _general_metadata(w, *, name: str, license: str, quantized_by: str, source_url: str | None,
+def add_general_metadata(w, *, name: str, license: str, quantized_by: str, source_url: str | None,
                       gguf_type: str | None = None) -> None:
     """general.type (``model``, or ``gguf_type``: ``mmproj``), name, size label, license, quantized_by
     and source URL, in the order llama.cpp's converter writes them."""

@@ -137,7 +137,8 @@ def tensor_location(layout: dict[str, Any], name: str) -> dict[str, Any]:
     i = layout["regions"].index(data)
     nxt = layout["regions"][i + 1] if i + 1 < len(layout["regions"]) else None
     pad = nxt.nbytes if nxt is not None and nxt.kind == "padding" else 0
-    return {"name": name, "info_start": info.start, "info_end": info.end, "relative_offset": data.detail["relative_offset"],
+    return {"name": name, "info_start": info.start, "info_end": info.end,
+            "relative_offset": data.detail["relative_offset"],
             "start": data.start, "end": data.end, "nbytes": data.nbytes, "padding_after": pad,
             "ne": data.detail["ne"], "ggml_type": data.detail["ggml_type"]}
 

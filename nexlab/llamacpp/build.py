@@ -29,10 +29,10 @@ from nexlab.core.fileio import locked
 from nexlab.llamacpp.source import (
     LLAMA_CPP_PYTHON_VERSION,
     SETUP_HINT,
-    _publish,
     check_llama_cpp_python_version,
     llamacpp_home,
     llamacpp_source,
+    publish_folder,
     source_dir,
     tools_dir,
 )
@@ -114,7 +114,8 @@ def build_tools(*, jobs: int | None = None, force: bool = False, log: Callable[[
     cmake = shutil.which("cmake")
     if cmake is None:
         raise FileNotFoundError("cmake not found: llama.cpp's tools are built with cmake (and a C/C++ compiler); "
-                                "install it (e.g. `apt-get install cmake build-essential`, or conda's cmake and compilers)")
+                                "install it (e.g. `apt-get install cmake build-essential`, "
+                                "or conda's cmake and compilers)")
     jobs = int(jobs or os.cpu_count() or 2)
     with locked(home / ".lock"):
         if not force and not missing_tools():
@@ -147,7 +148,7 @@ def build_tools(*, jobs: int | None = None, force: bool = False, log: Callable[[
                     "configure_seconds": round(t_conf, 1), "seconds": round(time.perf_counter() - t0, 1),
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             (stage / "BUILD.json").write_text(json.dumps(info, indent=2) + "\n")
-            _publish(stage, bin_dir)
+            publish_folder(stage, bin_dir)
             log(f"built {len(TOOLS)} tools in {info['seconds']:.0f} s -> {bin_dir}")
             return info
         except BaseException:

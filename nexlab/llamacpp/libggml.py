@@ -11,9 +11,9 @@ Used by the bit-exact tests of :mod:`nexlab.formats`, benchmarks/, :mod:`nexlab.
 chapters 01 and 04 (:func:`ggml_quantize_chunk` works for any quantizable ggml type id). Calls run
 on the calling thread only (``ggml_quantize_chunk`` is single-threaded).
 
-It also binds ``struct ggml_tensor`` (``_GgmlTensor``, ggml/include/ggml.h of the vendored tree) and
+It also binds ``struct ggml_tensor`` (``GgmlTensor``, ggml/include/ggml.h of the vendored tree) and
 the few graph calls the imatrix collector's evaluation callback needs (:mod:`nexlab.analysis.imatrix`);
-``_ggml`` checks that layout against the library before anything reads a tensor through it.
+``ggml_collector_lib`` checks that layout against the library before anything reads a tensor through it.
 
 Set ``NEXLAB_LIBGGML=/path/to/libggml-base.so`` to use another build.
 """
@@ -27,24 +27,25 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from nexlab.core.errors import NexlabError, ToolError
-from nexlab.formats.minifloat import GGML_TYPE_MXFP4, GGML_TYPE_NVFP4, as_bytes, as_f32
+from nexlab.formats.minifloat import as_bytes, as_f32
 
-_GGML_TYPE_F32 = 0
-
-
-_GGML_TYPE_I32 = 26
+GGML_TYPE_F32 = 0
 
 
-_GGML_OP_MUL_MAT = 29  # enum ggml_op of the vendored ggml.h; checked with ggml_op_name
+GGML_TYPE_I32 = 26
 
 
-_GGML_OP_MUL_MAT_ID = 30
+GGML_OP_MUL_MAT = 29  # enum ggml_op of the vendored ggml.h; checked with ggml_op_name
 
 
-class _GgmlTensor(ctypes.Structure):
+GGML_OP_MUL_MAT_ID = 30
+
+
+class GgmlTensor(ctypes.Structure):
     """``struct ggml_tensor`` (ggml/include/ggml.h, llama.cpp as vendored by llama-cpp-python 0.3.36)."""
 
     _fields_ = [
@@ -70,9 +71,9 @@ class _GgmlInitParams(ctypes.Structure):
 
 
 @lru_cache(maxsize=1)
-def _ggml() -> ctypes.CDLL:
+def ggml_collector_lib() -> ctypes.CDLL:
     """libggml-base (the library llama-cpp-python's libllama uses) with the calls the collector needs,
-    after checking :class:`_GgmlTensor` and the op ids against it."""
+    after checking :class:`GgmlTensor` and the op ids against it."""
 
     L = ctypes.CDLL(str(libggml_path()))
     vp, sz, i64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
@@ -100,28 +101,28 @@ def _ggml() -> ctypes.CDLL:
 
 
 def _check_tensor_layout(L) -> None:
-    """Build a few tensors with libggml and read them back through :class:`_GgmlTensor`: type, ne, nb,
+    """Build a few tensors with libggml and read them back through :class:`GgmlTensor`: type, ne, nb,
     op, src, view_src, data and name must sit where libggml put them. Raises RuntimeError otherwise."""
-    if L.ggml_op_name(_GGML_OP_MUL_MAT) != b"MUL_MAT" or L.ggml_op_name(_GGML_OP_MUL_MAT_ID) != b"MUL_MAT_ID":
+    if L.ggml_op_name(GGML_OP_MUL_MAT) != b"MUL_MAT" or L.ggml_op_name(GGML_OP_MUL_MAT_ID) != b"MUL_MAT_ID":
         raise ToolError("this libggml numbers its ops differently from the ggml.h nexlab was written for")
     ctx = L.ggml_init(_GgmlInitParams(1 << 20, None, False))
     if not ctx:
         raise ToolError("ggml_init failed")
     try:
-        T = _GgmlTensor.from_address
-        w = L.ggml_new_tensor_3d(ctx, _GGML_TYPE_F32, 8, 3, 4)
+        T = GgmlTensor.from_address
+        w = L.ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 8, 3, 4)
         L.ggml_set_name(w, b"blk.0.ffn_up_exps.weight")
-        x = L.ggml_new_tensor_3d(ctx, _GGML_TYPE_F32, 8, 1, 5)
-        ids = L.ggml_new_tensor_2d(ctx, _GGML_TYPE_I32, 2, 5)
-        w2 = L.ggml_new_tensor_2d(ctx, _GGML_TYPE_F32, 8, 6)
+        x = L.ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 8, 1, 5)
+        ids = L.ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, 5)
+        w2 = L.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 8, 6)
         mm = L.ggml_mul_mat(ctx, w2, x)
         mmid = L.ggml_mul_mat_id(ctx, w, x, ids)
         tr = L.ggml_transpose(ctx, w2)
         t = T(w)
         problems = []
-        if (t.type, list(t.ne), list(t.nb)) != (_GGML_TYPE_F32, [8, 3, 4, 1], [4, 32, 96, 384]):
+        if (t.type, list(t.ne), list(t.nb)) != (GGML_TYPE_F32, [8, 3, 4, 1], [4, 32, 96, 384]):
             problems.append(f"type/ne/nb read as {t.type} {list(t.ne)} {list(t.nb)}")
-        if t.name != b"blk.0.ffn_up_exps.weight" or ctypes.addressof(t) + _GgmlTensor.name.offset != L.ggml_get_name(w):
+        if t.name != b"blk.0.ffn_up_exps.weight" or ctypes.addressof(t) + GgmlTensor.name.offset != L.ggml_get_name(w):
             problems.append("name")
         if t.data != L.ggml_get_data(w) or not t.data:
             problems.append("data")
@@ -141,14 +142,9 @@ def _check_tensor_layout(L) -> None:
         L.ggml_free(ctx)
 
 
-#: ggml type ids (ggml.h ``enum ggml_type``) for the types nexlab touches.
-GGML_TYPES = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15,
-    "IQ2_XXS": 16, "IQ2_XS": 17, "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21,
-    "IQ2_S": 22, "IQ4_XS": 23, "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35,
-    "MXFP4": GGML_TYPE_MXFP4, "NVFP4": GGML_TYPE_NVFP4, "Q1_0": 41, "Q2_0": 42,
-}  # fmt: skip
+#: ggml type ids (ggml.h ``enum ggml_type``) by name: gguf-py's ``GGMLQuantizationType`` (the ids are
+#: checked against libggml's own type names by the tests)
+GGML_TYPES = {t.name: int(t) for t in gguf.GGMLQuantizationType}
 
 
 _GGML_TYPE_COUNT = 43  # GGML_TYPE_COUNT of the vendored ggml.h (ggml_get_type_traits asserts below it)

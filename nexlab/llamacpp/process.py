@@ -4,7 +4,7 @@
   started (:func:`stop_process_group`: SIGINT, then SIGKILL) when the block raises, Ctrl-C
   included; Jupyter's interrupt or a SIGTERM reach nexlab alone, so without it a tool would run on.
 - :func:`terminate`: SIGTERM, then SIGKILL after a grace period, for server-like children.
-- ``_run``: run a command, return wall seconds and the child's peak RSS (GNU ``/usr/bin/time``,
+- ``run_measured``: run a command, return wall seconds and the child's peak RSS (GNU ``/usr/bin/time``,
   else ``os.wait4``), for the conversion benchmark.
 - :func:`free_port`: a free TCP port on 127.0.0.1 for ``llama-server``.
 """
@@ -77,7 +77,7 @@ def child_process(cmd: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Po
                 f.close()
 
 
-def _run(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> dict:
+def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> dict:
     """Run ``cmd``; return wall seconds and the child's peak RSS (MiB).
 
     Peak RSS comes from GNU ``/usr/bin/time -f %M`` (kB): ``time`` is a small process, so the RSS

@@ -43,7 +43,7 @@ def open_model(path: str | os.PathLike, n_ctx: int = 256, *, n_threads: int = 2,
     tests all open GGUF files through it. ``n_batch`` (default 512, llama-cpp-python's) also sets
     ``n_ubatch``; pass ``n_batch=n_ctx`` to evaluate a whole window as one batch.
     """
-    from llama_cpp import Llama  # noqa: PLC0415
+    from llama_cpp import Llama  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
 
     p = check_gguf_path(path)
     kw = {} if n_batch is None else {"n_batch": int(n_batch), "n_ubatch": int(n_batch)}
@@ -66,7 +66,8 @@ _KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(
                        r"K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
 
 
-_RS_LINE = re.compile(r"llama_memory_recurrent: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers, +(\d+) seqs +(\d+) rs_seq\), "
+_RS_LINE = re.compile(r"llama_memory_recurrent: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers,"
+                       r" +(\d+) seqs +(\d+) rs_seq\), "
                        r"R \((\w+)\): +([\d.]+) MiB, S \((\w+)\): +([\d.]+) MiB")
 
 
@@ -89,7 +90,7 @@ def capture_llama_log(keep: int | None = None):
     """Collect llama.cpp's log lines (the last ``keep``, or all) instead of printing them; yields the
     list (a deque when ``keep``). llama-cpp-python's own log callback is put back afterwards."""
 
-    import llama_cpp as ll  # noqa: PLC0415
+    import llama_cpp as ll  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
 
     lines = collections.deque(maxlen=keep) if keep else []
 
@@ -102,7 +103,7 @@ def capture_llama_log(keep: int | None = None):
         yield lines
     finally:
         try:
-            from llama_cpp import _logger  # noqa: PLC0415
+            from llama_cpp import _logger  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
 
             ll.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
         except (ImportError, AttributeError):
@@ -119,7 +120,7 @@ class LlamaCppProbe:
     """
 
     def __init__(self, gguf_path: str | Path):
-        import llama_cpp  # noqa: PLC0415
+        import llama_cpp  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
         self._ll = llama_cpp
         self.path = str(gguf_path)
         llama_cpp.llama_backend_init()

@@ -44,7 +44,8 @@ def _landing(answer: dict) -> dict[str, Any]:
     routed = {(True, False): "reasoning_content", (False, True): "content",
               (True, True): "both", (False, False): "none"}[(bool(reasoning), bool(content))]
     return {"routed_to": routed, "reasoning_content": reasoning, "content": content,
-            "finish_reason": choice.get("finish_reason"), "completion_tokens": answer.get("usage", {}).get("completion_tokens")}
+            "finish_reason": choice.get("finish_reason"),
+            "completion_tokens": answer.get("usage", {}).get("completion_tokens")}
 
 
 def llama_server_routing(gguf_path: str | Path, *, free_tokens: int = 16, threads: int = 2) -> dict[str, Any]:
@@ -95,7 +96,8 @@ class LlamaServer:
             with _NO_PROXY.open(req, timeout=timeout) as r:
                 return json.loads(r.read().decode())
         except urllib.error.HTTPError as exc:
-            raise ToolError(f"llama-server {path}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:2000]}") from None
+            raise ToolError(f"llama-server {path}: HTTP {exc.code}: "
+                            f"{exc.read().decode(errors='replace')[:2000]}") from None
 
     def chat(self, messages: list[dict], **params: Any) -> dict:
         """One OpenAI-style ``/v1/chat/completions`` request (not streamed)."""

@@ -50,7 +50,7 @@ from typing import Callable
 
 from nexlab.core.errors import NexlabError, ToolError
 from nexlab.core.fileio import atomic_write_text, locked, replace_directory
-from nexlab.model.chat_template import _GEN_BLOCK_RE
+from nexlab.model.chat_template import GEN_BLOCK_RE
 
 UPSTREAM_TEMPLATE = "models/templates/Qwen3.5-4B.jinja"  # in llama.cpp's tree
 
@@ -65,7 +65,7 @@ def seed_template() -> str:
     """The seed's buggy template: :func:`upstream_template` whose generation prompt opens thinking
     with a bare ``'<think>'`` (the upstream nex-agi form), while history still renders ``<think>\\n``."""
     t = upstream_template()
-    m = _GEN_BLOCK_RE.search(t)
+    m = GEN_BLOCK_RE.search(t)
     if m is None:
         raise NexlabError(f"{UPSTREAM_TEMPLATE} has no trailing add_generation_prompt block")
     literal = "'<think>\\n'"
@@ -144,7 +144,7 @@ def check_llama_cpp_python_version() -> str:
     return installed
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path) -> None:
     """Rename the finished folder ``tmp`` onto ``final`` (:func:`nexlab.core.fileio.replace_directory`),
     readable by all; file modes inside are kept (the tools stay executable)."""
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700
@@ -160,7 +160,7 @@ def _patch_converter(src: Path) -> None:
     hits = [i for i, line in enumerate(lines) if line.strip() in replaceable]
     if len(hits) != 1:
         raise ToolError(f"cannot patch {base}: expected exactly one line `{_PRETOKENIZER_RAISE}`, found "
-                           f"{len(hits)}; the converter changed, update nexlab.llamacpp._patch_converter")
+                           f"{len(hits)}; the converter changed, update nexlab.llamacpp.source._patch_converter")
     i = hits[0]
     indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
     lines[i] = f"{indent}{_PRETOKENIZER_FALLBACK}\n"
@@ -227,7 +227,7 @@ def _fetch_source(home: Path, log: Callable[[str], None]) -> Path:
         staged = Path(tempfile.mkdtemp(dir=home, prefix=".src-ready-"))
         staged.rmdir()
         os.replace(tree, staged)
-        _publish(staged, home / "src")
+        publish_folder(staged, home / "src")
         log(f"unpacked and patched llama.cpp in {time.perf_counter() - t0:.0f} s -> {home / 'src'}")
         return home / "src"
     finally:

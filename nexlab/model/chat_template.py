@@ -52,7 +52,7 @@ THINK_START = "<think>\n"  # reasoning start marker as history renders it
 THINK_END = "</think>"
 
 
-_GEN_BLOCK_RE = re.compile(r"(\{%-?\s*if\s+add_generation_prompt\s*-?%\})(.*?)(\{%-?\s*endif\s*-?%\}\s*)$", re.S)
+GEN_BLOCK_RE = re.compile(r"(\{%-?\s*if\s+add_generation_prompt\s*-?%\})(.*?)(\{%-?\s*endif\s*-?%\}\s*)$", re.S)
 
 
 def fixed_template() -> str:
@@ -66,7 +66,7 @@ def fix_forced_open_think(template: str) -> tuple[str, bool]:
     Only the trailing ``{% if add_generation_prompt %}`` block is touched, so history rendering is
     unchanged. Returns ``(template, changed)``.
     """
-    m = _GEN_BLOCK_RE.search(template)
+    m = GEN_BLOCK_RE.search(template)
     if m is None:
         return template, False
     block = re.sub(r"(['\"])<think>\1", lambda q: f"{q.group(1)}<think>\\n{q.group(1)}", m.group(2))

@@ -51,7 +51,7 @@ _FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 
 def _torch_dtypes() -> dict[str, Any]:
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     out = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
            "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -147,7 +147,8 @@ def read_safetensors_header(path: Path, *, with_data_start: bool = False):
         want = math.prod(v["shape"]) * _ST_DTYPE_BYTES.get(v["dtype"], 0)
         got = v["data_offsets"][1] - v["data_offsets"][0]
         if v["dtype"] in _ST_DTYPE_BYTES and want != got:
-            raise NexlabError(f"{path.name}: tensor {k!r} has {got} bytes, shape {v['shape']} {v['dtype']} needs {want}")
+            raise NexlabError(f"{path.name}: tensor {k!r} has {got} bytes, "
+                              f"shape {v['shape']} {v['dtype']} needs {want}")
     return (header, 8 + n) if with_data_start else header
 
 
@@ -184,7 +185,8 @@ class Checkpoint:
         q: dict[str, Any] = {}
         qc = self.raw_config.get("quantization_config") or {}
         if qc:
-            q.update({k: v for k, v in qc.items() if k in ("quant_algo", "group_size", "exclude_modules", "quant_method")})
+            q.update({k: v for k, v in qc.items()
+                      if k in ("quant_algo", "group_size", "exclude_modules", "quant_method")})
             cg = qc.get("config_groups") or {}
             for g in cg.values():  # compressed-tensors style config groups
                 gs = (g.get("weights") or {}).get("group_size") if isinstance(g, dict) else None
@@ -217,7 +219,8 @@ class Checkpoint:
             sp = self.path / shard
             if not sp.is_file():
                 missing = sorted(k for k, v in weight_map.items() if v == shard)
-                raise NexlabError(f"shard {shard} listed in the index is missing ({len(missing)} tensors, e.g. {missing[0]!r})")
+                raise NexlabError(f"shard {shard} listed in the index is missing "
+                                  f"({len(missing)} tensors, e.g. {missing[0]!r})")
             header, data_start = read_safetensors_header(sp, with_data_start=True)
             for key, v in header.items():
                 if key == "__metadata__":
@@ -271,7 +274,7 @@ class Checkpoint:
         return self._read(e)
 
     def _read(self, e: TensorEntry):
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
         f = self._handles.get(e.shard)
         if f is None:
@@ -386,7 +389,8 @@ def _check_nvfp4_module(ck: Checkpoint, module: str, problems: list[str], group_
         problems.append(f"{module}.weight is missing (its weight_scale is present)")
         return
     if w.dtype != "U8" or len(w.shape) != 2:
-        problems.append(f"{module}.weight: dtype {w.dtype} shape {list(w.shape)}, expected U8 [out, in/2] (packed E2M1)")
+        problems.append(f"{module}.weight: dtype {w.dtype} shape {list(w.shape)}, "
+                        "expected U8 [out, in/2] (packed E2M1)")
         return
     out, half = w.shape
     n_in = 2 * half
@@ -399,7 +403,8 @@ def _check_nvfp4_module(ck: Checkpoint, module: str, problems: list[str], group_
         problems.append(f"{module}.weight_scale: {s.shape[1]} scales per row for {n_in} inputs = group size {g:g}; "
                         f"NVFP4 needs group size {NVFP4_GROUP}")
     if n_in % GGML_NVFP4_BLOCK:
-        problems.append(f"{module}.weight: {n_in} input features, not a multiple of {GGML_NVFP4_BLOCK} (ggml NVFP4 block)")
+        problems.append(f"{module}.weight: {n_in} input features, "
+                        f"not a multiple of {GGML_NVFP4_BLOCK} (ggml NVFP4 block)")
     if f"{module}.weight_scale_2" not in ck.entries:
         problems.append(f"{module}.weight_scale_2 is missing")
     _scalar_f32(ck, f"{module}.weight_scale_2", problems)
@@ -416,6 +421,8 @@ def validate_checkpoint(ck: Checkpoint, *, raise_on_error: bool = True) -> Valid
     ``[out, in/2]``, F8_E4M3 scales ``[out, in/16]``, ``in % 64 == 0`` and finite positive F32
     scalar ``weight_scale_2`` / ``input_scale``; unquantized weights are floating point.
     Block scales are checked for NaN while they are repacked (they are streamed, not preloaded).
+
+    Kept in one function: one pass over the checkpoint's modules that collects every problem before raising.
     """
     rep = ValidationReport(n_tensors=len(ck.entries))
     problems = rep.problems

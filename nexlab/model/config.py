@@ -344,7 +344,8 @@ def validate_config(cfg: dict, *, kquant: bool = True) -> dict:
           f"exactly when (i+1) % {interval} == 0, else linear_attention")
 
     _rule(t["num_attention_heads"] % t["num_key_value_heads"] == 0, "gqa",
-          f"num_attention_heads={t['num_attention_heads']} is not a multiple of num_key_value_heads={t['num_key_value_heads']}")
+          f"num_attention_heads={t['num_attention_heads']} is not a multiple of "
+          f"num_key_value_heads={t['num_key_value_heads']}")
     _rule(t["linear_num_value_heads"] % t["linear_num_key_heads"] == 0, "value-heads-multiple",
           f"linear_num_value_heads={t['linear_num_value_heads']} is not a multiple of "
           f"linear_num_key_heads={t['linear_num_key_heads']}")
@@ -506,7 +507,7 @@ def parameter_counts(cfg: dict) -> dict[str, Any]:
 def to_transformers(cfg: dict, *, text_only: bool = True):
     """A transformers config object: ``Qwen3_5MoeTextConfig`` (for ``Qwen3_5MoeForCausalLM``)
     when ``text_only``, else the full ``Qwen3_5MoeConfig``."""
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig  # noqa: PLC0415
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     c = copy.deepcopy(cfg)
     if text_only:

@@ -72,7 +72,7 @@ def imatrix_for_tensor(weights: dict[str, np.ndarray] | None, name: str, ne0: in
     return np.asarray(w, dtype=np.float32).reshape(n_expert, ne0)
 
 
-def _linear_attn_out_perm(config) -> np.ndarray | None:
+def linear_attn_out_perm(config) -> np.ndarray | None:
     """Input-column permutation the converter applies to ``linear_attn.out_proj`` (value heads grouped ->
     tiled, :func:`ssm_out_column_permutation`), or None when key and value head counts
     are equal."""
@@ -144,11 +144,10 @@ EXPERT_KEYS = {"gate_proj": "FFN_GATE_EXP", "up_proj": "FFN_UP_EXP", "down_proj"
 IGNORED_SUFFIXES = (".k_scale", ".v_scale", ".rotary_emb.inv_freq")
 
 
-NVFP4_SIDECARS = (".weight_scale", ".weight_scale_2", ".input_scale")
-
-
-#: NVFP4 checkpoint scalar -> GGUF sidecar suffix
-SIDECAR_SUFFIXES = {".weight_scale_2": ".scale", ".input_scale": ".input_scale"}
+#: the scale tensors beside a ModelOpt NVFP4 module's packed ``.weight`` in the checkpoint (block scales,
+#: tensor scale, activation scale). In nexlab "sidecar" means only the GGUF's F32 ``.scale`` /
+#: ``.input_scale`` tensors made from the last two.
+MODELOPT_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
 
 
 def gguf_name(hf_name: str) -> str:
@@ -215,7 +214,7 @@ def transform_float(hf_name: str, t, cfg: dict):
     ``ssm_alpha`` / ``ssm_beta``, ``ssm_a``, ``ssm_dt``, the V channels of ``ssm_conv1d`` and the
     columns of ``ssm_out``.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     suffix = hf_name.split(".", 3)[3] if hf_name.startswith("model.layers.") else hf_name
     d = la_dims(cfg)
@@ -242,7 +241,7 @@ def transform_nvfp4(hf_name: str, weight, scale, cfg: dict):
     ``d_v`` values = ``d_v/2`` code bytes = ``d_v/16`` scales, so no nibble is split; llama.cpp's
     converter gets the same bytes by unpacking, permuting and repacking nibbles.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     if not hf_name.startswith("model.layers.") or ".linear_attn." not in hf_name:
         return weight, scale

@@ -20,9 +20,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nexlab.core.errors import NexlabError
+from nexlab.core.errors import NexlabError, NexlabTypeError
 from nexlab.model.config import SPECIAL_TOKENS
 
 #: Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2/Qwen3 models, as quoted by the
@@ -39,7 +40,8 @@ QWEN2_SPLIT_PATTERN = (
 #: (``[\p{L}\p{M}]+``), so Devanagari, Thai and accented text split into whole words. llama.cpp's
 #: ``qwen35`` pre-tokenizer implements it.
 QWEN35_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -182,9 +184,34 @@ def build_tokenizer_object(train_files: list[str | os.PathLike], vocab_size: int
 
 def load_tokenizer(path: str | os.PathLike):
     """Load a saved tokenizer folder as ``PreTrainedTokenizerFast``."""
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     p = Path(path)
     if not (p / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {p}")
     return PreTrainedTokenizerFast.from_pretrained(str(p))
+
+
+def encode_text(text: str | os.PathLike, tokenizer) -> np.ndarray:
+    """Token ids (int32) of ``text``: the one way nexlab turns text into ids.
+
+    ``text`` is the text itself, or a path read as UTF-8. ``tokenizer`` is a folder holding
+    ``tokenizer.json``, that file, a loaded ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
+    No special tokens are added (no BOS/EOS, as ``llama.tokenize(add_bos=False)``), so training, the
+    imatrix, the quality measurements and the reference proofs all feed a model the same ids.
+    """
+    if isinstance(text, os.PathLike):
+        p = Path(text)
+        if not p.is_file():
+            raise FileNotFoundError(f"text file {p} does not exist")
+        text = p.read_text(encoding="utf-8")
+    if not isinstance(text, str):
+        raise NexlabTypeError(f"text must be a str or a path, got {type(text).__name__}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        f = Path(tokenizer)
+        f = f / "tokenizer.json" if f.is_dir() else f
+        if not f.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {Path(tokenizer)}")
+        tokenizer = Tokenizer.from_file(str(f))
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # transformers' fast tokenizer wraps one
+    return np.asarray(backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)

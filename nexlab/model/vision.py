@@ -64,7 +64,7 @@ DTYPES = ("f16", "bf16", "f32")       # --outtype of the reference converter (q8
 SEED_MMPROJ_MB = 903                  # mmproj-Nex-N2-mini-F16.gguf on the seed's model card (decimal MB)
 
 
-def _vision_kind(key: str) -> str:
+def vision_kind(key: str) -> str:
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "bias":
         return "bias"
@@ -179,7 +179,8 @@ def mmproj_tensor_type(name: str, ndim: int, dtype: str):
         raise NexlabError(f"mmproj type must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if ".patch_embd.weight" in name:
         return QT.F16 if dtype == "f16" else QT.F32
-    if ndim <= 1 or name.endswith("_norm.weight") or name.startswith("v.position_embd.") or not name.endswith(".weight"):
+    if (ndim <= 1 or name.endswith("_norm.weight") or name.startswith("v.position_embd.")
+            or not name.endswith(".weight")):
         return QT.F32
     return wt
 
@@ -194,7 +195,8 @@ class MmprojTensor:
     frame: int | None = None
 
 
-def mmproj_specs(vision: dict, dtype: str = "f16", keys: list[tuple[str, tuple[int, ...]]] | None = None) -> list[MmprojTensor]:
+def mmproj_specs(vision: dict, dtype: str = "f16",
+                 keys: list[tuple[str, tuple[int, ...]]] | None = None) -> list[MmprojTensor]:
     """Every tensor of the mmproj in file order.
 
     ``keys``: the checkpoint's vision tensors ``(key, shape)`` in the order the reference reads
@@ -218,7 +220,8 @@ def mmproj_specs(vision: dict, dtype: str = "f16", keys: list[tuple[str, tuple[i
         seen.add(canon)
         for name, frame in names:
             shp = tuple(shape) if frame is None else tuple(shape[:2]) + tuple(shape[3:])
-            out.append(MmprojTensor(TensorSpec(name, shp, mmproj_tensor_type(name, len(shp), dtype), hf=key), key, frame))
+            out.append(MmprojTensor(TensorSpec(name, shp, mmproj_tensor_type(name, len(shp), dtype), hf=key),
+                                    key, frame))
     missing = [k for k in want if k not in seen]
     if missing:
         raise NexlabError(f"vision tensor {missing[0]!r} is missing ({len(missing)} missing in all)")

@@ -3,11 +3,11 @@
 :func:`tokenizer_metadata` reads a byte-level BPE tokenizer (plus ``tokenizer_config.json``) the way
 llama.cpp's ``convert_hf_to_gguf.py`` writes a ``gpt2`` vocabulary: tokens by id padded to the
 model's vocabulary with ``[PAD{i}]`` (UNUSED), added tokens CONTROL or USER_DEFINED, merges, the
-bos/eos/unk/pad ids and add_bos/add_eos flags. The pre-tokenizer name (``tokenizer.ggml.pre``) comes
-from :func:`nexlab.model.tokenizer.pretokenizer_name` (or an explicit name checked by
-:func:`check_tokenizer_pre`), not from llama.cpp's hash of a test string, which only published
-tokenizers match. ``_tokenizer_gguf_metadata`` adds those keys (and the chat template) to a writer;
-:mod:`nexlab.convert.text` calls both.
+bos/eos/unk/pad ids and add_bos/add_eos flags (gguf-py's ``SpecialVocab``, as the converter). The
+pre-tokenizer name (``tokenizer.ggml.pre``) comes from :func:`nexlab.model.tokenizer.pretokenizer_name`
+(or an explicit name checked by :func:`check_tokenizer_pre`), not from llama.cpp's hash of a test
+string, which only published tokenizers match. :func:`add_tokenizer_metadata` adds those keys (and the
+chat template) to a writer; :mod:`nexlab.convert.text` calls both.
 """
 
 from __future__ import annotations
@@ -27,18 +27,12 @@ from nexlab.model.tokenizer import pretokenizer_name
 
 
 # ----------------------------------------------------------------------------- metadata
-def _find_tokenizer_dir(ck: Checkpoint, tokenizer_dir: str | os.PathLike | None) -> Path:
+def find_tokenizer_dir(ck: Checkpoint, tokenizer_dir: str | os.PathLike | None) -> Path:
     cands = [Path(tokenizer_dir)] if tokenizer_dir else [ck.path, ck.path / "tokenizer", ck.path.parent / "tokenizer"]
     for d in cands:
         if (d / "tokenizer.json").is_file():
             return d
     raise NexlabError(f"no tokenizer.json in {', '.join(str(c) for c in cands)} (pass tokenizer_dir)")
-
-
-def _tok_content(v) -> str | None:
-    if isinstance(v, dict):
-        return v.get("content")
-    return v if isinstance(v, str) else None
 
 
 def check_tokenizer_pre(name) -> str:
@@ -59,8 +53,9 @@ def tokenizer_metadata(tok_dir: Path, vocab_size: int, config: dict, *,
 
     Tokens are the byte-level BPE strings by id, padded to ``vocab_size`` with ``[PAD{i}]``
     (type UNUSED) like llama.cpp's converter; added tokens are CONTROL when special, else
-    USER_DEFINED; merges as ``"a b"`` strings. ``pre`` (``tokenizer.ggml.pre``) is the llama.cpp
-    pre-tokenizer that splits text as the tokenizer's own pre-tokenizer does
+    USER_DEFINED. Merges, the special token ids, add_bos/add_eos (and the chat template, set when
+    written) are gguf-py's ``SpecialVocab``, as in llama.cpp's converter. ``pre``
+    (``tokenizer.ggml.pre``) is the llama.cpp pre-tokenizer that splits text as the tokenizer's own pre-tokenizer does
     (:func:`nexlab.model.tokenizer.pretokenizer_name`: ``qwen35`` for Qwen3.5's and Nex-N2-mini's,
     ``qwen2``, ``gpt-2``), or ``tokenizer_pre`` when given (an unrecognised pre-tokenizer is an
     error that points to it). llama.cpp's converter finds the name from a hash of the tokens of a
@@ -87,35 +82,23 @@ def tokenizer_metadata(tok_dir: Path, vocab_size: int, config: dict, *,
     types[ids] = int(T.NORMAL)
     for i, a in added.items():
         types[i] = int(T.CONTROL) if a.get("special") else int(T.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    tc_path = tok_dir / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-    special: dict[str, int] = {}
+    # merges, special token ids, add_bos/add_eos and the chat template: gguf-py's SpecialVocab, which
+    # llama.cpp's converter itself uses; an id it finds nowhere comes from the model's config
+    sv = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=vocab_size)
     for typ in ("bos", "eos", "unk", "pad"):
-        content = _tok_content(tc.get(f"{typ}_token"))
-        if content is not None and content in vocab:
-            special[typ] = vocab[content]
-        elif isinstance(config.get(f"{typ}_token_id"), int):
-            special[typ] = config[f"{typ}_token_id"]
-    return {"pre": pre, "tokens": tokens, "types": types.tolist(), "merges": merges, "special": special,
-            "add_bos": tc.get("add_bos_token"), "add_eos": tc.get("add_eos_token")}
+        if typ not in sv.special_token_ids and isinstance(config.get(f"{typ}_token_id"), int):
+            sv.special_token_ids[typ] = config[f"{typ}_token_id"]
+    return {"pre": pre, "tokens": tokens, "types": types.tolist(), "special_vocab": sv}
 
 
-def _tokenizer_gguf_metadata(w, tok: dict, template: str | None) -> None:
+def add_tokenizer_metadata(w, tok: dict, template: str | None) -> None:
+    """The ``tokenizer.ggml.*`` keys of :func:`tokenizer_metadata` in llama.cpp's converter's order (model,
+    pre, tokens, types, then SpecialVocab's merges, special ids, add flags), and ``template`` as
+    ``tokenizer.chat_template`` (none when None: the tokenizer's own template is not carried over here)."""
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    sp = tok["special"]
-    for typ, fn in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
-                    ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
-        if typ in sp:
-            fn(int(sp[typ]))
-    if tok["add_bos"] is not None:
-        w.add_add_bos_token(bool(tok["add_bos"]))
-    if tok["add_eos"] is not None:
-        w.add_add_eos_token(bool(tok["add_eos"]))
-    if template:
-        w.add_chat_template(template)
+    sv = tok["special_vocab"]
+    sv.chat_template = template
+    sv.add_to_gguf(w, quiet=True)

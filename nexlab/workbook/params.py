@@ -127,7 +127,7 @@ def check_parameters(chapter: str, namespace: Mapping[str, Any]) -> dict[str, An
     missing or bad one (``"notebook 05_kv_cache_sizing: parameter VARIANT = 'q5' must be one of ..."``).
     """
     if chapter not in CHAPTERS:
-        raise ParameterError(f"unknown chapter {chapter!r}; nexlab.params knows {', '.join(CHAPTERS)}")
+        raise ParameterError(f"unknown chapter {chapter!r}; nexlab.workbook.params knows {', '.join(CHAPTERS)}")
     bad = []
     for name, rule in CHAPTERS[chapter].items():
         if name not in namespace:

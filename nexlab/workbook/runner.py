@@ -12,7 +12,6 @@ and the error names the notebook, the cell and the exception.
 from __future__ import annotations
 
 import ast
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ class NotebookFailed(ToolError):
 
     def __init__(self, notebook: Path, cell_index: int | None, ename: str, evalue: str, executed: Path,
                  cell_source: str = ""):
-        self.notebook, self.cell_index, self.ename, self.evalue, self.executed = notebook, cell_index, ename, evalue, executed
+        (self.notebook, self.cell_index, self.ename, self.evalue,
+         self.executed) = notebook, cell_index, ename, evalue, executed
         where = f"cell {cell_index}" if cell_index is not None else "an unknown cell"
         first = next((ln for ln in cell_source.splitlines() if ln.strip()), "")
         if first:
@@ -167,7 +167,6 @@ def run_workbook(smoke: bool = False, only: list[str] | None = None, parameters:
 
 
 def _cli(args) -> int:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     extra = dict(parse_parameter(p) for p in args.param or [])
     try:
         times = run_workbook(smoke=args.smoke, only=args.only, parameters=extra, seed=args.seed,

@@ -34,9 +34,9 @@ from nexlab.model.vision import VISUAL_PREFIXES, preprocessor_config, vision_con
 def load_vision_tower(ckpt_dir: str | os.PathLike, dtype=None):
     """transformers' ``Qwen3_5MoeVisionModel`` of a checkpoint (float32 by default), its weights
     read through :class:`nexlab.model.checkpoint.Checkpoint` (no pickle, no text model built)."""
-    import torch  # noqa: PLC0415
-    from transformers import Qwen3_5MoeConfig  # noqa: PLC0415
-    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
+    from transformers import Qwen3_5MoeConfig  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
 
     d = Path(ckpt_dir)
@@ -57,7 +57,7 @@ def load_vision_tower(ckpt_dir: str | os.PathLike, dtype=None):
 def hf_pixel_values(image: np.ndarray, preproc: dict, vision: dict):
     """``pixel_values`` and ``image_grid_thw`` of transformers' Qwen2-VL image processor (the PIL
     backend) for ``image``, without resizing (see :func:`nexlab.artifacts.tiny_vl.make_test_image`)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: PLC0415
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: PLC0415  (transformers is heavy: only the reference model needs it)
 
     proc = Qwen2VLImageProcessorPil(image_mean=preproc["image_mean"], image_std=preproc["image_std"],
                                     patch_size=int(vision["patch_size"]),
@@ -71,7 +71,7 @@ def transformers_image_embeddings(ckpt_dir: str | os.PathLike, image: np.ndarray
     """The image tokens transformers' vision tower gives the text model: ``pooler_output`` of
     ``Qwen3_5MoeVisionModel`` (after the merger), float32 [n_tokens, out_hidden_size], in raster
     order of the merged 2x2 blocks."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is heavy: imported only where tensors are made)
 
     d = Path(ckpt_dir)
     config = json.loads((d / "config.json").read_text())
@@ -88,7 +88,7 @@ _MTMD_QUIET = []
 def _mtmd_quiet_callback():
     """A log callback for libmtmd that drops every line (kept alive for the process: libmtmd holds
     the pointer)."""
-    import llama_cpp  # noqa: PLC0415
+    import llama_cpp  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
 
     if not _MTMD_QUIET:
         _MTMD_QUIET.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
@@ -101,8 +101,8 @@ def llamacpp_image_embeddings(mmproj_path: str | os.PathLike, text_gguf: str | o
     bindings: ``mtmd_tokenize`` the media marker with the image, ``mtmd_encode_chunk``,
     ``mtmd_get_output_embd``), float32 [n_tokens, n_embd of the text model]. CPU, no warm-up."""
 
-    import llama_cpp  # noqa: PLC0415
-    from llama_cpp import mtmd_cpp as M  # noqa: PLC0415
+    import llama_cpp  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
+    from llama_cpp import mtmd_cpp as M  # noqa: PLC0415  (llama-cpp-python loads libllama: only where llama.cpp runs)
 
 
     llm = open_model(text_gguf, n_ctx=256, n_threads=n_threads)

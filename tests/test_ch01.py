@@ -1,6 +1,6 @@
-"""Chapter 01 helpers (nexlab.numerics): the explorer's numbers and the format comparison.
+"""nexlab.chapters.ch01 (chapter 01's helpers) against the formats and the real implementations.
 
-References: ModelOpt semantics through nexlab.nvfp4 (itself proven byte-identical to
+References: ModelOpt semantics through nexlab.formats.nvfp4 (itself proven byte-identical to
 nvidia-modelopt in test_nvfp4.py) and ggml's C Q4_K quantizer through ctypes.
 """
 
@@ -118,7 +118,8 @@ def _fake_llamacpp(root, graph_line=None):
 def test_input_scale_scan_finds_a_graph_that_reads_the_activation_scale(tmp_path):
     _fake_llamacpp(tmp_path / "clean")
     r = numerics.input_scale_in_llamacpp(tmp_path / "clean")
-    assert r["graph"] == {} and list(r["other"]) == ["src/llama-model.cpp"] and len(r["other"]["src/llama-model.cpp"]) == 1
+    assert (r["graph"] == {} and list(r["other"]) == ["src/llama-model.cpp"]
+            and len(r["other"]["src/llama-model.cpp"]) == 1)
     assert r["nvfp4_vec_dot_type"] == "GGML_TYPE_Q8_0" and r["ggml"] == []
     _fake_llamacpp(tmp_path / "used", "cur = ggml_mul(ctx0, cur, layer.ffn_up_in_s);\n")
     assert list(numerics.input_scale_in_llamacpp(tmp_path / "used")["graph"]) == ["src/models/m.cpp"]
@@ -127,9 +128,8 @@ def test_input_scale_scan_finds_a_graph_that_reads_the_activation_scale(tmp_path
 def test_llamacpp_loads_input_scale_but_no_graph_or_backend_reads_it():
     from nexlab.llamacpp import source as llamacpp
 
-    src = llamacpp.source_dir()
-    if not (src / "src" / "llama-model.cpp").is_file():
-        pytest.skip("llama.cpp source not fetched (nexlab setup)")
+    src = llamacpp.llamacpp_source()  # the reference: fetched when missing, an error (never a skip) if it cannot be
+    assert (src / "src" / "llama-model.cpp").is_file(), f"{src} is not llama.cpp's source tree"
     r = numerics.input_scale_in_llamacpp(src)
     assert r["graph"] == {} and r["ggml"] == []
     assert any("input_scale" in line for line in r["other"]["src/llama-model.cpp"])
