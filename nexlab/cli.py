@@ -21,7 +21,7 @@ from nexlab.convert import text
 from nexlab.core.errors import NexlabError
 from nexlab.ggufio import inspector
 from nexlab.llamacpp import build
-from nexlab.workbook import runner
+from nexlab.workbook import readme, runner
 
 _SUBCOMMANDS = (
     runner,     # nexlab workbook
@@ -33,6 +33,7 @@ _SUBCOMMANDS = (
     synth,      # nexlab synth
     bench,      # nexlab bench, stock, bandwidth
     roofline,   # nexlab roofline
+    readme,     # nexlab readme: README.md's measured figures from data/results/
 )
 
 

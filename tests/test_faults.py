@@ -360,3 +360,41 @@ def test_the_checker_accepts_every_file_nexlab_and_llama_cpp_write(nexlab_gguf):
     assert vocab
     for f in vocab:  # llama.cpp's own vocabulary files (v2 and v3, no tensors)
         assert check_gguf(f).version in (2, 3)
+
+
+def test_evict_from_page_cache_covers_every_file_of_a_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"1" * 5000)
+    (tmp_path / "y.bin").write_bytes(b"2" * 300)
+    assert fileio.evict_from_page_cache(tmp_path / "a", tmp_path / "y.bin", tmp_path / "missing") == 5300
+
+
+def test_conversion_benchmark_alternates_the_order_evicts_and_takes_medians(tmp_path, monkeypatch):
+    """Fair timing: the order alternates round by round, the inputs are evicted before every run, the
+    ratio is that of the medians (and of the minima beside it)."""
+    from nexlab.analysis import speed
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"0" * 1024)
+    seconds = {"nexlab": iter([3.0, 1.0, 2.0]), "llamacpp": iter([6.0, 4.0, 9.0])}
+    events = []
+
+    def fake_run(cmd, env=None, cwd=None):
+        name = "nexlab" if "nexlab.cli" in cmd else "llamacpp"
+        out = Path(cmd[cmd.index("-o") + 1] if name == "nexlab" else cmd[cmd.index("--outfile") + 1])
+        out.write_bytes(b"g" * 2048)
+        events.append(name)
+        return {"seconds": next(seconds[name]), "peak_rss_mib": 10.0 if name == "nexlab" else 20.0}
+
+    monkeypatch.setattr(speed, "run_measured", fake_run)
+    monkeypatch.setattr(speed, "evict_from_page_cache", lambda *p: events.append("evict") or 0)
+    monkeypatch.setattr(speed, "reference_command", lambda c, o, *, python: (
+        [python, str(tmp_path / "convert_hf_to_gguf.py"), str(c), "--outfile", str(o)], {}))
+    r = speed.benchmark_conversion(ck, tmp_path / "out", repeats=3)
+    assert r["order"] == ["nexlab", "llamacpp", "llamacpp", "nexlab", "nexlab", "llamacpp"]
+    assert events == [e for name in r["order"] for e in ("evict", name)]
+    assert r["nexlab"]["seconds"] == 2.0 and r["llamacpp"]["seconds"] == 6.0 and r["ratio_time"] == 2.0 / 6.0
+    assert r["ratio_time_min"] == 1.0 / 4.0 and r["ratio_rss"] == 0.5
+    with pytest.raises(ValueError, match="repeats"):
+        speed.benchmark_conversion(ck, tmp_path / "out", repeats=0)

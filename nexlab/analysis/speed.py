@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from nexlab.core.errors import NexlabError
+from nexlab.core.fileio import evict_from_page_cache
 from nexlab.formats.kquant_search import F32
 from nexlab.formats.kquants import GGML_TYPE_IDS, quantize, row_size
 from nexlab.formats.minifloat import GGML_NVFP4_BLOCK
@@ -142,16 +143,21 @@ def kquant_speed_vs_ggml(
     return results
 
 
-def benchmark_conversion(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, repeats: int = 1,
+def benchmark_conversion(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, repeats: int = 3,
                          python: str = sys.executable, keep: bool = False) -> dict:
     """Convert ``ckpt_dir`` with nexlab and with the reference converter; return times, RSS, ratios.
 
     Both run as child processes of the same interpreter (``python -m nexlab.cli convert`` and
-    ``python convert_hf_to_gguf.py``), so wall time and peak RSS are the converters' own. Each
-    runs ``repeats`` times (alternating); the best wall time and the largest peak RSS are
-    reported. Output files are deleted unless ``keep``; on an error or Ctrl-C both converters are
-    stopped (:func:`nexlab.llamacpp.process.child_process`) and their files deleted.
+    ``python convert_hf_to_gguf.py``), so wall time and peak RSS are the converters' own. Fair timing:
+    ``repeats`` rounds, the order alternating (nexlab first in even rounds, the reference first in odd
+    ones), the checkpoint and the previous outputs evicted from the page cache before every run
+    (:func:`nexlab.core.fileio.evict_from_page_cache`); each converter's min and median wall time are
+    reported and the time ratio is taken from the medians; peak RSS is the largest seen. Output files
+    are deleted unless ``keep``; on an error or Ctrl-C both converters are stopped
+    (:func:`nexlab.llamacpp.process.child_process`) and their files deleted.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise NexlabError(f"repeats must be a positive integer, got {repeats!r}")
     ckpt_dir = Path(ckpt_dir)
     made = out_dir is None
     tmp = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="bench_convert_"))
@@ -171,18 +177,31 @@ def _benchmark_conversion(ckpt_dir: Path, tmp: Path, repeats: int, python: str, 
     ref_cmd, ref_env = reference_command(ckpt_dir, outs["llamacpp"], python=python)
     ref_env["NEXLAB_NO_PROGRESS"] = "1"
     env = dict(os.environ, NEXLAB_NO_PROGRESS="1", PYTHONPATH=str(REPO_ROOT))
+    cmds = {"nexlab": ([python, "-m", "nexlab.cli", "convert", str(ckpt_dir), "-o", str(outs["nexlab"]), "-q"],
+                       env, None),
+            "llamacpp": (ref_cmd, ref_env, Path(ref_cmd[1]).parent)}
     runs: dict[str, list[dict]] = {"nexlab": [], "llamacpp": []}
-    for _ in range(repeats):
-        runs["nexlab"].append(run_measured([python, "-m", "nexlab.cli", "convert", str(ckpt_dir),
-                                            "-o", str(outs["nexlab"]), "-q"], env))
-        runs["llamacpp"].append(run_measured(ref_cmd, ref_env, cwd=Path(ref_cmd[1]).parent))
-    res = {k: {"seconds": min(r["seconds"] for r in v), "peak_rss_mib": max(r["peak_rss_mib"] for r in v),
-               "file_mib": outs[k].stat().st_size / 2**20} for k, v in runs.items()}
-    res["ratio_time"] = res["nexlab"]["seconds"] / res["llamacpp"]["seconds"]
+    order = []
+    for i in range(repeats):
+        for name in (("nexlab", "llamacpp") if i % 2 == 0 else ("llamacpp", "nexlab")):
+            outs[name].unlink(missing_ok=True)
+            evict_from_page_cache(ckpt_dir, *outs.values())
+            cmd, e, cwd = cmds[name]
+            runs[name].append(run_measured(cmd, e, cwd=cwd))
+            order.append(name)
+    res: dict = {}
+    for k, v in runs.items():
+        secs = sorted(r["seconds"] for r in v)
+        res[k] = {"seconds": float(np.median(secs)), "min_seconds": secs[0], "all_seconds": [r["seconds"] for r in v],
+                  "peak_rss_mib": max(r["peak_rss_mib"] for r in v), "file_mib": outs[k].stat().st_size / 2**20}
+    res["ratio_time"] = res["nexlab"]["seconds"] / res["llamacpp"]["seconds"]  # medians
+    res["ratio_time_min"] = res["nexlab"]["min_seconds"] / res["llamacpp"]["min_seconds"]
     res["ratio_rss"] = res["nexlab"]["peak_rss_mib"] / res["llamacpp"]["peak_rss_mib"]
     res["checkpoint"] = str(ckpt_dir)
     res["checkpoint_mib"] = sum(p.stat().st_size for p in ckpt_dir.glob("*.safetensors")) / 2**20
     res["repeats"] = repeats
+    res["order"] = order
+    res["page_cache"] = "checkpoint and outputs evicted (fsync + posix_fadvise DONTNEED) before every run"
     if not keep:
         for p in outs.values():
             p.unlink(missing_ok=True)
