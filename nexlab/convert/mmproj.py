@@ -50,7 +50,7 @@ from nexlab.core.errors import NexlabError
 from nexlab.formats.registry import encode_tensor
 from nexlab.ggufio.layout import PlannedFile
 from nexlab.ggufio.metadata import add_general_metadata
-from nexlab.ggufio.writer import PlannedTensor, write_gguf
+from nexlab.ggufio.writer import PlannedTensor, WriteResult, write_plan
 from nexlab.model.checkpoint import Checkpoint
 from nexlab.model.config import PREPROCESSOR_CONFIG
 from nexlab.model.vision import (
@@ -205,17 +205,8 @@ def mmproj_file_nbytes(config: dict, dtype: str = "f16", *, name: str = "mmproj"
 
 
 # ----------------------------------------------------------------------------- writing
-@dataclass
-class MmprojResult:
-    path: Path
-    n_tensors: int
-    nbytes: int
-    seconds: float
-    types: dict[str, int]
-
-
 def convert_mmproj(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: str = "f16", *,
-                   name: str | None = None, show_progress: bool = True) -> MmprojResult:
+                   name: str | None = None, show_progress: bool = True) -> WriteResult:
     """Write the vision tower of ``ckpt_dir`` as an mmproj GGUF (``dtype``: f16, bf16 or f32).
 
     Byte-equal in tensors and ``clip.*`` metadata to llama.cpp's ``convert_hf_to_gguf.py --mmproj
@@ -229,12 +220,8 @@ def convert_mmproj(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, dty
     t0 = time.perf_counter()
     with Checkpoint(ckpt_dir) as ck:
         plan = plan_mmproj(ck, dtype, name=name)
-        path = write_gguf(out_path, MMPROJ_ARCH, plan.add_metadata, plan.tensors, show_progress=show_progress,
-                          desc=f"mmproj {Path(out_path).name}")
-    types: dict[str, int] = {}
-    for t in plan.tensors:
-        types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
-    return MmprojResult(path, len(plan.tensors), plan.tensor_nbytes, time.perf_counter() - t0, types)
+        return write_plan(out_path, plan, show_progress=show_progress, desc=f"mmproj {Path(out_path).name}",
+                          started=t0)
 
 
 def cli_convert_mmproj(args) -> int:

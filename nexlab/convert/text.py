@@ -43,7 +43,7 @@ from nexlab.ggufio.gguf_internals import move_keys_to_end
 from nexlab.ggufio.imatrix_file import quantize_weights, read_imatrix
 from nexlab.ggufio.layout import PlannedFile
 from nexlab.ggufio.metadata import add_general_metadata
-from nexlab.ggufio.writer import PlannedTensor, write_gguf
+from nexlab.ggufio.writer import PlannedTensor, WriteResult, write_gguf, write_plan
 from nexlab.model import hparams
 from nexlab.model import qwen35moe as Q
 from nexlab.model.chat_template import original_template, resolve_chat_template
@@ -124,21 +124,12 @@ def predict_file_size(ckpt_dir: str | os.PathLike, variant: str = "bf16", **kwar
         return plan_conversion(ck, variant, **kwargs).file_nbytes
 
 
-@dataclass
-class ConvertResult:
-    path: Path
-    n_tensors: int
-    nbytes: int
-    seconds: float
-    types: dict[str, int]
-
-
 def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike, variant: str = "bf16",
                        chat_template: str = "fixed", *, tokenizer_dir: str | os.PathLike | None = None,
                        name: str | None = None, license: str = "apache-2.0", quantized_by: str = "nexlab",
                        source_url: str | None = None, imatrix: str | os.PathLike | None = None,
                        tokenizer_pre: str | None = None, experts: str | None = None,
-                       nvfp4_scales: str | None = None, show_progress: bool = True) -> ConvertResult:
+                       nvfp4_scales: str | None = None, show_progress: bool = True) -> WriteResult:
     """Convert a Qwen3.5-MoE checkpoint (ModelOpt NVFP4 or BF16) to a qwen35moe GGUF.
 
     ``variant``: ``bf16`` (NVFP4 tensors kept, the rest BF16/F32: the "NVFP4-BF16" file); ``q8_0``
@@ -160,12 +151,7 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
         cp = plan_conversion(ck, variant, chat_template, tokenizer_dir=tokenizer_dir, name=name, license=license,
                              quantized_by=quantized_by, source_url=source_url, imatrix=imatrix,
                              tokenizer_pre=tokenizer_pre, experts=experts, nvfp4_scales=nvfp4_scales)
-        path = write_gguf(out_path, ARCH, cp.add_metadata, cp.tensors, show_progress=show_progress,
-                          desc=f"convert {Path(out_path).name}")
-    types: dict[str, int] = {}
-    for t in cp.tensors:
-        types[t.ggml_type.name] = types.get(t.ggml_type.name, 0) + 1
-    return ConvertResult(path, len(cp.tensors), cp.tensor_nbytes, time.perf_counter() - t0, types)
+        return write_plan(out_path, cp, show_progress=show_progress, desc=f"convert {Path(out_path).name}", started=t0)
 
 
 def write_shape_gguf(path: str | os.PathLike, hp: hparams.HParams, variant: str = "bf16",

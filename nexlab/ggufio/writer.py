@@ -13,6 +13,8 @@ The writer knows no model: the converters (:mod:`nexlab.convert`) make the plans
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,3 +124,25 @@ def _write_tensor(w, data: np.ndarray, bar, nbytes: int) -> None:
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class WriteResult:
+    """What :func:`write_plan` wrote: the file, its tensor count and tensor bytes, the seconds it took
+    (from ``started``), and the tensors per ggml type name in file order."""
+
+    path: Path
+    n_tensors: int
+    nbytes: int
+    seconds: float
+    types: dict[str, int]
+
+
+def write_plan(out_path: str | os.PathLike, plan, *, show_progress: bool = True, desc: str = "write",
+               started: float | None = None) -> WriteResult:
+    """Write a planned file (``plan.arch``, ``plan.add_metadata``, ``plan.tensors``, ``plan.tensor_nbytes``:
+    the text converter's and the mmproj's plans alike) through :func:`write_gguf`: the one driver of both."""
+    t0 = time.perf_counter() if started is None else started
+    path = write_gguf(out_path, plan.arch, plan.add_metadata, plan.tensors, show_progress=show_progress, desc=desc)
+    types = dict(Counter(t.ggml_type.name for t in plan.tensors))
+    return WriteResult(path, len(plan.tensors), plan.tensor_nbytes, time.perf_counter() - t0, types)
