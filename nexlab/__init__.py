@@ -9,9 +9,9 @@ pyproject.toml [tool.importlinter] and CONTRIBUTING.md; notebooks/README.md list
 4. model: qwen35moe: configs, hyper-parameters, names / transforms / tensor plan, type mixes, mmproj plan, checkpoints
 5. convert: checkpoint -> GGUF: the text model (``nexlab convert``) and the vision tower's mmproj
 6. llamacpp: llama.cpp itself: source tree and reference converter, tools, llama-server, runtime, libggml's oracle
-7. analysis: memory, roofline, benchmarks, quality, llama.cpp vs transformers, imatrix collection, vision, speed
+7. analysis: memory, roofline, benchmarks, quality, llama.cpp vs transformers, imatrix collection, mtmd, speed
 8. artifacts: the workbook's models: tiny, its ModelOpt checkpoints, slice, tiny VL, training, corpus, synthetic
-9. chapters (chNN.py: one notebook's helpers) and workbook (parameters, results, the papermill runner)
+9. chapters (chNN.py: one notebook's helpers) and workbook (parameters, results, records, README, the runner)
 10. cli: the ``nexlab`` command
 
 Why the cuts are there: the lowest layers (core, then formats) are plain helpers and pure numpy
