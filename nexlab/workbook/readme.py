@@ -81,7 +81,8 @@ def render_full_size(rec: dict[str, Any]) -> str:
     if "page_cache" not in rec:
         lines += ["", "These timings predate fair timing: one run of each step, nexlab's conversion right after the "
                   "checkpoint was written (its input still in the page cache), llama.cpp's converter last, the disk "
-                  "measured with `dd` (that nexlab's conversion took 0.68x of it shows it was not a bound). They "
+                  f"measured with `dd` (that nexlab's conversion took {b['seconds'] / (b['file_bytes'] / bw):.2f}x "
+                  "of it shows it was not a bound). They "
                   "favour nexlab; the next run of the benchmark evicts every input first and measures the bound "
                   "as the converter writes."]
     lines += ["", "Tensor data " + gib
